@@ -1,0 +1,87 @@
+"""Per-queue configuration and priority constants."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidArgument
+
+PRIORITY_HIGH = 100
+PRIORITY_NORMAL = 1000
+PRIORITY_LOW = 10000
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` when it is an int >= ``minimum``, else raise :class:`InvalidArgument` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def seconds_to_ms(name: str, seconds: object, *, allow_zero: bool = True) -> int:
+    """Convert a duration in seconds (int or float) to integer milliseconds.
+
+    Raises:
+        InvalidArgument: for non-numbers, NaN, infinities, negative values (and
+        zero when ``allow_zero`` is false), naming ``name`` and the value.
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds, got {seconds!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidArgument(f"{name} must be a finite number of seconds {bound}, got {seconds!r}")
+    return int(round(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Settings of one queue.  Durations are in seconds (floats allowed).
+
+    Attributes:
+        max_attempts: claims a job may have before it is dead-lettered (>= 1).
+        lease: how long a claim lasts before the reaper re-queues it.
+        priority: default priority of new jobs (lower is claimed first).
+        backoff_base / backoff_max: a nacked job waits
+            ``min(backoff_base * 2**(attempts-1), backoff_max)`` before it is
+            pending again; a zero base re-queues at once (reference: taquba
+            0.5.0 ``retry_backoff_base``/``retry_backoff_max``).
+        keep_done_jobs: ``None`` (default) deletes a job's record at ``ack``
+            (the ``done`` counter still counts it); a number keeps done
+            records that many seconds, then the retention sweep removes them.
+        dead_retention: seconds a dead-lettered record is kept (default 7
+            days); ``None`` keeps dead letters forever.
+    """
+
+    max_attempts: int = 3
+    lease: float = 30.0
+    priority: int = PRIORITY_NORMAL
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    keep_done_jobs: float | None = None
+    dead_retention: float | None = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        from .keys import check_priority
+
+        check_positive_int("max_attempts", self.max_attempts)
+        seconds_to_ms("lease", self.lease, allow_zero=False)
+        check_priority(self.priority)
+        seconds_to_ms("backoff_base", self.backoff_base)
+        seconds_to_ms("backoff_max", self.backoff_max)
+        if self.keep_done_jobs is not None:
+            seconds_to_ms("keep_done_jobs", self.keep_done_jobs)
+        if self.dead_retention is not None:
+            seconds_to_ms("dead_retention", self.dead_retention)
+
+    @property
+    def lease_ms(self) -> int:
+        return seconds_to_ms("lease", self.lease)
+
+    def backoff_ms(self, attempts: int) -> int:
+        """Delay in ms before retry number ``attempts`` (1-based)."""
+        base = seconds_to_ms("backoff_base", self.backoff_base)
+        if base == 0:
+            return 0
+        cap = seconds_to_ms("backoff_max", self.backoff_max)
+        return min(base * 2 ** min(max(attempts - 1, 0), 62), cap)

@@ -1,0 +1,641 @@
+"""The ``Queue`` facade: validates input, runs transitions with conflict retries,
+commits them durably, and wakes in-process waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from . import keys, transitions
+from .clock import Clock, SystemClock
+from .config import QueueConfig, check_positive_int, seconds_to_ms
+from .errors import (
+    Contention,
+    InvalidArgument,
+    StoreClosed,
+    StoreConflict,
+    TaqubaError,
+)
+from .ids import new_job_id
+from .kvapi import check_kv_key, check_kv_writes
+from .kv import KVStore, Transaction
+from .notify import Notifier
+from .record import JobRecord, JobStatus
+
+log = logging.getLogger("taquba")
+
+T = TypeVar("T")
+
+MAX_CONFLICT_RETRIES = 64
+SWEEP_BATCH = 256
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counts of one queue: jobs in each space, and acknowledgements in ``done``."""
+
+    queue: str
+    pending: int = 0
+    scheduled: int = 0
+    claimed: int = 0
+    done: int = 0
+    dead: int = 0
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """What ``enqueue_with`` did: the job's ``id``, and ``created`` false on a dedup hit."""
+
+    id: str
+    created: bool
+
+
+def _check_payload(payload: object) -> bytes:
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    if not isinstance(payload, bytes):
+        raise InvalidArgument(f"payload must be bytes, got {type(payload).__name__} {payload!r:.60}")
+    return payload
+
+
+def _check_headers(headers: object) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise InvalidArgument(f"headers must be a mapping of str to str, got {headers!r}")
+    return dict(headers)
+
+
+def _check_dedup_key(dedup_key: object) -> str | None:
+    if dedup_key is None:
+        return None
+    if not isinstance(dedup_key, str) or not dedup_key:
+        raise InvalidArgument(f"dedup_key must be a non-empty str, got {dedup_key!r}")
+    return dedup_key
+
+
+def _run_at_ms(run_at: object, delay: object, now: int) -> int | None:
+    if run_at is not None and delay is not None:
+        raise InvalidArgument(f"give run_at or delay, not both (run_at={run_at!r}, delay={delay!r})")
+    if delay is not None:
+        ms = seconds_to_ms("delay", delay)
+        return now + ms if ms > 0 else None
+    if run_at is None:
+        return None
+    if not isinstance(run_at, datetime):
+        raise InvalidArgument(f"run_at must be a timezone-aware datetime, got {run_at!r}")
+    if run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise InvalidArgument(f"run_at must be timezone-aware, got naive {run_at.isoformat()}")
+    ms = int(run_at.timestamp() * 1000)
+    if ms < 0 or ms > keys.TIME_MAX:
+        raise InvalidArgument(f"run_at {run_at.isoformat()} is outside the representable range")
+    return ms if ms > now else None
+
+
+class Queue:
+    """A durable task queue over one transactional key-value store.
+
+    Open with :meth:`open`; use as an async context manager or call
+    :meth:`close`.  All durations given to methods are in **seconds**
+    (floats allowed); all times stored on records are integer
+    **milliseconds** since the Unix epoch.  Every call that returns has made
+    its effect durable.  One process may write a store at a time: a second
+    opener fences the first, whose later writes raise
+    :class:`~taquba_core.errors.StoreFenced`.
+    """
+
+    def __init__(
+        self,
+        store: KVStore,
+        *,
+        config: QueueConfig | None = None,
+        queues: Mapping[str, QueueConfig] | None = None,
+        clock: Clock | None = None,
+        promote_interval: float = 0.2,
+        reap_interval: float = 1.0,
+    ) -> None:
+        for name in queues or {}:
+            keys.validate_queue_name(name)
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.configs = transitions.QueueConfigs(config or QueueConfig(), queues)
+        self.promote_interval = seconds_to_ms("promote_interval", promote_interval, allow_zero=False) / 1000
+        self.reap_interval = seconds_to_ms("reap_interval", reap_interval, allow_zero=False) / 1000
+        self._available = Notifier()
+        self._claim_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dead_cursors: dict[str, bytes | None] = {}
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        store: KVStore,
+        *,
+        config: QueueConfig | None = None,
+        queues: Mapping[str, QueueConfig] | None = None,
+        clock: Clock | None = None,
+        promote_interval: float = 0.2,
+        reap_interval: float = 1.0,
+        background: bool = True,
+    ) -> Queue:
+        """Open a queue over ``store`` and recover what a previous process left.
+
+        Args:
+            store: an open :class:`~taquba_core.kv.KVStore`; the queue owns it
+                and closes it in :meth:`close`.
+            config: the default :class:`QueueConfig` of every queue.
+            queues: per-queue overrides, by queue name.
+            clock: source of ``now`` in milliseconds (default: system clock).
+            promote_interval / reap_interval: seconds between background
+                promoter and reaper ticks.
+            background: start the promoter and reaper tasks (turn off in
+                tests that drive :meth:`promote_now` / :meth:`reap_now`).
+
+        Every claimed record found at open belongs to a process that no
+        longer runs (one writer per store), so it is re-queued at once, or
+        dead-lettered when out of attempts, before ``open`` returns
+        (reference: taquba 0.11.0 changed recovery to this from waiting
+        out the recorded lease).
+        """
+        queue = cls(
+            store,
+            config=config,
+            queues=queues,
+            clock=clock,
+            promote_interval=promote_interval,
+            reap_interval=reap_interval,
+        )
+        await queue.recover()
+        if background:
+            queue.start_background()
+        return queue
+
+    async def __aenter__(self) -> Queue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start_background(self) -> None:
+        """Start the promoter and reaper tasks (``open`` does unless told not to)."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._tick(self.promote_now, self.promote_interval), name="taquba-promoter"),
+                asyncio.create_task(self._tick(self.reap_now, self.reap_interval), name="taquba-reaper"),
+            ]
+
+    async def close(self) -> None:
+        """Stop the background tasks, wake every waiter, and close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._available.notify_all()
+        await self.store.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _tick(self, sweep: Callable[[], Awaitable[int]], interval: float) -> None:
+        while True:
+            try:
+                await sweep()
+            except asyncio.CancelledError:
+                raise
+            except TaqubaError as exc:
+                if exc.is_permanent:
+                    log.error("background sweep stopped: %s", exc)
+                    return
+                log.warning("background sweep failed, retrying next tick: %s", exc)
+            await asyncio.sleep(interval)
+
+    # -- transaction runner -------------------------------------------------
+
+    async def _run(self, step: Callable[[Transaction], Awaitable[T]], *, durable: bool = True) -> T:
+        """Run ``step`` in a transaction, retrying on conflict; commit it."""
+        if self._closed:
+            raise StoreClosed("the queue is closed")
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            txn = await self.store.begin()
+            try:
+                result = await step(txn)
+            except BaseException:
+                await txn.rollback()
+                raise
+            try:
+                await txn.commit(durable=durable)
+                return result
+            except StoreConflict:
+                await asyncio.sleep(random.uniform(0, 0.001 * min(2**attempt, 64)))
+        raise Contention(f"gave up after {MAX_CONFLICT_RETRIES} write conflicts; retry later")
+
+    async def _read(self, step: Callable[[Transaction], Awaitable[T]]) -> T:
+        """Run a read-only ``step`` on a snapshot."""
+        if self._closed:
+            raise StoreClosed("the queue is closed")
+        txn = await self.store.begin()
+        try:
+            return await step(txn)
+        finally:
+            await txn.rollback()
+
+    def _now(self) -> int:
+        return self.clock.now_ms()
+
+    # -- enqueue ------------------------------------------------------------
+
+    def _new_job(
+        self,
+        queue: str,
+        payload: object,
+        *,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        max_attempts: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+    ) -> JobRecord:
+        keys.validate_queue_name(queue)
+        config = self.configs.get(queue)
+        data = _check_payload(payload)
+        prio = config.priority if priority is None else keys.check_priority(priority)
+        attempts = config.max_attempts if max_attempts is None else check_positive_int("max_attempts", max_attempts)
+        now = self._now()
+        due = _run_at_ms(run_at, delay, now)
+        return JobRecord(
+            id=new_job_id(now),
+            queue=queue,
+            payload=data,
+            status=JobStatus.PENDING if due is None else JobStatus.SCHEDULED,
+            max_attempts=attempts,
+            enqueued_at=now,
+            priority=prio,
+            headers=_check_headers(headers),
+            run_at=due,
+            dedup_key=_check_dedup_key(dedup_key),
+        )
+
+    async def enqueue(self, queue: str, payload: bytes) -> str:
+        """Enqueue ``payload`` (bytes) on ``queue`` with the queue's defaults; returns the job id.
+
+        Raises:
+            InvalidQueueName, InvalidArgument: bad input; nothing is written.
+        """
+        return (await self.enqueue_with(queue, payload)).id
+
+    async def enqueue_with(
+        self,
+        queue: str,
+        payload: bytes,
+        *,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        max_attempts: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        dedup_key: str | None = None,
+        kv_writes: Mapping[bytes, bytes | None] | None = None,
+    ) -> EnqueueResult:
+        """Enqueue with options.
+
+        Args:
+            priority: 0..2**32-1, lower is claimed first (default: the
+                queue's, ``PRIORITY_NORMAL`` = 1000).
+            run_at: a timezone-aware datetime; the job is scheduled until then.
+            delay: seconds from now until the job may run (not with ``run_at``).
+            max_attempts: claims allowed before dead-lettering (>= 1).
+            headers: str → str metadata kept on the record.
+            dedup_key: while a pending or scheduled job of this queue carries
+                it, enqueueing again writes nothing and returns that job's id
+                with ``created=False``; released when the job is claimed.
+            kv_writes: caller KV writes (``None`` deletes) committed in the
+                same transaction; not applied on a dedup hit.
+
+        Raises:
+            InvalidQueueName, InvalidArgument, KvValueTooLarge: bad input;
+                nothing is written.
+        """
+        job = self._new_job(
+            queue,
+            payload,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            headers=headers,
+            dedup_key=dedup_key,
+        )
+        writes = check_kv_writes(kv_writes)
+        inserted = await self._run(lambda txn: transitions.insert(txn, job, writes))
+        if inserted.created and job.status is JobStatus.PENDING:
+            self._available.notify(queue)
+        return EnqueueResult(inserted.id, inserted.created)
+
+    async def enqueue_batch(
+        self,
+        queue: str,
+        payloads: list[bytes],
+        *,
+        kv_writes: Mapping[bytes, bytes | None] | None = None,
+        **options: object,
+    ) -> list[str]:
+        """Enqueue every payload in one transaction, all or nothing.
+
+        Ids ascend in input order, so the batch is claimed in input order.
+        ``options`` are those of :meth:`enqueue_with` except ``dedup_key``;
+        ``kv_writes`` commit with the batch.
+
+        Raises:
+            InvalidArgument: bad input (nothing is written).
+        """
+        if "dedup_key" in options:
+            raise InvalidArgument("enqueue_batch does not take a dedup_key")
+        jobs = [self._new_job(queue, payload, **options) for payload in payloads]  # type: ignore[arg-type]
+        writes = check_kv_writes(kv_writes)
+
+        async def step(txn: Transaction) -> list[str]:
+            for job in jobs:
+                await transitions.insert(txn, job)
+            await transitions.apply_kv_writes(txn, writes)
+            return [job.id for job in jobs]
+
+        ids = await self._run(step)
+        if jobs and jobs[0].status is JobStatus.PENDING:
+            self._available.notify(queue)
+        return ids
+
+    # -- claim --------------------------------------------------------------
+
+    def lease_ms(self, queue: str, lease: float | None) -> int:
+        """``lease`` seconds in milliseconds, or ``queue``'s configured lease when ``None``."""
+        if lease is None:
+            return self.configs.get(queue).lease_ms
+        return seconds_to_ms("lease", lease, allow_zero=False)
+
+    async def claim_batch(self, queue: str, n: int, lease: float | None = None) -> list[JobRecord]:
+        """Claim up to ``n`` jobs of ``queue`` in one transaction, in claim order.
+
+        Each claimed job has its attempt counted and a lease of ``lease``
+        seconds (default: the queue's).  Claims on one queue are serialised
+        by an in-process lock, so they never fight through conflicts;
+        different queues claim in parallel.
+
+        Raises:
+            InvalidQueueName, InvalidArgument: bad input.
+        """
+        keys.validate_queue_name(queue)
+        check_positive_int("n", n)
+        lease_ms = self.lease_ms(queue, lease)
+        lock = self._claim_locks.setdefault(queue, asyncio.Lock())
+        async with lock:
+            return await self._run(
+                lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms)
+            )
+
+    async def claim(self, queue: str, lease: float | None = None) -> JobRecord | None:
+        """Claim the next job of ``queue`` (lowest priority number, then oldest) or ``None``.
+
+        ``lease`` is in seconds (default: the queue's ``lease``).
+        """
+        jobs = await self.claim_batch(queue, 1, lease)
+        return jobs[0] if jobs else None
+
+    async def claim_next(self, queue: str) -> JobRecord | None:
+        """:meth:`claim` with the queue's configured lease."""
+        return await self.claim(queue)
+
+    async def claim_with_wait(
+        self, queue: str, lease: float | None = None, max_wait: float = 30.0
+    ) -> JobRecord | None:
+        """Claim, waiting up to ``max_wait`` seconds for a job to become available.
+
+        Woken by in-process notification (enqueue, promotion, retry), never by
+        polling.  Returns ``None`` when nothing arrived in time or the queue
+        was closed.
+        """
+        jobs = await self.claim_batch_with_wait(queue, 1, lease, max_wait)
+        return jobs[0] if jobs else None
+
+    async def claim_batch_with_wait(
+        self, queue: str, n: int, lease: float | None = None, max_wait: float = 30.0
+    ) -> list[JobRecord]:
+        """:meth:`claim_batch`, waiting up to ``max_wait`` seconds when none is pending."""
+        wait_ms = seconds_to_ms("max_wait", max_wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            waiter = self._available.register(queue)
+            jobs = await self.claim_batch(queue, n, lease)
+            remaining = deadline - loop.time()
+            if jobs or remaining <= 0 or self._closed:
+                self._available.discard(queue, waiter)
+                return jobs
+            await self._available.wait(queue, waiter, remaining)
+
+    def wake(self, queue: str) -> None:
+        """Wake the claimers waiting on ``queue`` (e.g. at shutdown)."""
+        self._available.notify(queue)
+
+    # -- settlement ---------------------------------------------------------
+
+    async def ack(self, job: JobRecord, *, kv_writes: Mapping[bytes, bytes | None] | None = None) -> None:
+        """Settle a claimed job as done, with optional caller KV writes in the same commit.
+
+        Raises:
+            ClaimLost: the claim no longer exists (lease reaped, already
+                settled, or a stale copy); nothing is written.
+        """
+        writes = check_kv_writes(kv_writes)
+        config = self.configs.get(job.queue)
+        await self._run(lambda txn: transitions.ack(txn, job, self._now(), config, writes))
+
+    async def nack(self, job: JobRecord, error: str) -> JobRecord:
+        """Settle a claimed job as failed; returns the record it became.
+
+        With attempts left the job waits ``min(backoff_base * 2**(attempts-1),
+        backoff_max)`` seconds in the scheduled space (zero base: straight back
+        to pending); without, it is dead-lettered.  ``error`` is kept as
+        ``last_error``.
+
+        Raises:
+            ClaimLost: the claim no longer exists; nothing is written.
+        """
+        config = self.configs.get(job.queue)
+        new = await self._run(lambda txn: transitions.nack(txn, job, self._now(), str(error), config))
+        if new.status is JobStatus.PENDING:
+            self._available.notify(job.queue)
+        return new
+
+    async def dead_letter(self, job: JobRecord, reason: str) -> JobRecord:
+        """Dead-letter a claimed job now (a permanent failure); no further attempt is made.
+
+        Raises:
+            ClaimLost: the claim no longer exists; nothing is written.
+        """
+        return await self._run(lambda txn: transitions.dead_letter(txn, job, self._now(), str(reason)))
+
+    async def renew_lease(self, job: JobRecord, lease: float | None = None) -> int:
+        """Extend a claim's lease to ``lease`` seconds from now; returns the new expiry (ms).
+
+        ``job.lease_expires_at`` is updated in place, so the same object
+        settles the claim afterwards.
+
+        Raises:
+            ClaimLost: the claim no longer exists; nothing is written.
+        """
+        lease_ms = self.lease_ms(job.queue, lease)
+        new = await self._run(lambda txn: transitions.renew(txn, job, self._now(), lease_ms))
+        assert new.lease_expires_at is not None
+        job.lease_expires_at = new.lease_expires_at
+        return new.lease_expires_at
+
+    # -- background sweeps --------------------------------------------------
+
+    async def _sweep(self, step: Callable[[Transaction], Awaitable[list[JobRecord]]]) -> list[JobRecord]:
+        """Run a sweep step batch after batch, without waiting for durability.
+
+        A sweep lost in a crash is redone by the next tick, so it never
+        costs a WAL flush per job.
+        """
+        moved: list[JobRecord] = []
+        while True:
+            batch = await self._run(step, durable=False)
+            moved.extend(batch)
+            if len(batch) < SWEEP_BATCH:
+                return moved
+
+    def _wake_pending(self, jobs: list[JobRecord]) -> int:
+        """Notify claimers of every queue that got a pending job; returns ``len(jobs)``."""
+        for queue in {job.queue for job in jobs if job.status is JobStatus.PENDING}:
+            self._available.notify(queue)
+        return len(jobs)
+
+    async def promote_now(self) -> int:
+        """Move every due scheduled job to pending; returns how many moved."""
+        moved = await self._sweep(lambda txn: transitions.promote_due(txn, self._now(), SWEEP_BATCH))
+        return self._wake_pending(moved)
+
+    async def reap_now(self) -> int:
+        """Re-queue (or dead-letter) expired claims and run the retention sweeps.
+
+        Returns how many expired claims were moved.
+        """
+        moved = await self._expire(until=self._now(), reason="lease expired")
+        await self._sweep_retention()
+        return moved
+
+    async def recover(self) -> int:
+        """Re-queue every claim in the store (done by :meth:`open`); returns how many."""
+        return await self._expire(until=None, reason="interrupted: the previous process stopped")
+
+    async def _expire(self, until: int | None, reason: str) -> int:
+        moved = await self._sweep(
+            lambda txn: transitions.expire_claims(txn, until, self._now(), SWEEP_BATCH, self.configs, reason)
+        )
+        return self._wake_pending(moved)
+
+    async def _sweep_retention(self) -> None:
+        now = self._now()
+        keeps = [c.keep_done_jobs for c in self._all_configs() if c.keep_done_jobs is not None]
+        if keeps:
+            until = now - int(min(keeps) * 1000)
+            await self._sweep(
+                lambda txn: transitions.sweep_done(txn, until, now, SWEEP_BATCH, self.configs)
+            )
+        for queue in await self.list_queues():
+            retention = self.configs.get(queue).dead_retention
+            if retention is not None:
+                await self._sweep_dead(queue, now, int(retention * 1000))
+
+    async def _sweep_dead(self, queue: str, now: int, retention_ms: int) -> None:
+        cursor = self._dead_cursors.get(queue)
+        cursor = await self._run(
+            lambda txn: transitions.sweep_dead(txn, queue, now, retention_ms, cursor, SWEEP_BATCH),
+            durable=False,
+        )
+        self._dead_cursors[queue] = cursor
+
+    def _all_configs(self) -> list[QueueConfig]:
+        return [self.configs.default, *(self.configs.get(q) for q in self.configs.named())]
+
+    # -- reads --------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """The current record of ``job_id``, or ``None`` when unknown (or acked and not kept)."""
+        if not isinstance(job_id, str):
+            raise InvalidArgument(f"job id must be a str, got {job_id!r}")
+        found = await self._read(lambda txn: transitions.find(txn, job_id))
+        return None if found is None else found[1]
+
+    async def stats(self, queue: str) -> QueueStats:
+        """Counts of ``queue`` from its counters (no scan of the jobs)."""
+        keys.validate_queue_name(queue)
+        counts = await self._read(lambda txn: transitions.read_stats(txn, queue))
+        return QueueStats(queue, **counts)
+
+    async def list_queues(self) -> list[str]:
+        """Names of every queue that has ever held a job, sorted."""
+
+        async def step(txn: Transaction) -> list[str]:
+            names: list[str] = []
+            after: bytes | None = None
+            while True:
+                rows = await txn.scan(keys.STATS, start_after=after, limit=1)
+                if not rows:
+                    return names
+                name = rows[0][0][len(keys.STATS):].split(b":", 1)[0]
+                names.append(name.decode())
+                after = keys.stats_prefix(name.decode()) + b"\xff"
+
+        return await self._read(step)
+
+    # -- caller KV namespace -----------------------------------------------
+
+    async def kv_get(self, key: bytes) -> bytes | None:
+        """The caller value under ``key`` (any bytes), or ``None``."""
+        k = keys.user_key(check_kv_key(key))
+        return await self._read(lambda txn: txn.get(k))
+
+    async def kv_put(self, key: bytes, value: bytes) -> None:
+        """Durably write ``value`` (at most ``MAX_KV_VALUE_SIZE`` bytes) under caller ``key``.
+
+        Raises:
+            KvValueTooLarge, InvalidArgument: nothing is written.
+        """
+        writes = check_kv_writes({key: value})
+        await self._run(lambda txn: transitions.apply_kv_writes(txn, writes))
+
+    async def kv_delete(self, key: bytes) -> None:
+        """Durably delete caller ``key`` (a no-op when absent)."""
+        writes = check_kv_writes({key: None})
+        await self._run(lambda txn: transitions.apply_kv_writes(txn, writes))
+
+    async def kv_scan(
+        self, prefix: bytes = b"", cursor: bytes | None = None, limit: int = 100
+    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        """A page of caller (key, value) pairs under ``prefix`` in ascending key order.
+
+        Returns the page and a cursor to pass back for the next page
+        (``None`` when there is no more).
+        """
+        check_positive_int("limit", limit)
+        full = keys.user_key(check_kv_key(prefix))
+        after = None if cursor is None else keys.user_key(check_kv_key(cursor))
+        rows = await self._read(lambda txn: txn.scan(full, start_after=after, limit=limit))
+        page = [(k[len(keys.USER):], v) for k, v in rows]
+        return page, (page[-1][0] if len(page) == limit else None)

@@ -1,0 +1,363 @@
+"""State transitions: functions of (transaction, record, now, config).
+
+Each function reads and writes keys inside one transaction and returns what
+happened; it never commits.  :class:`taquba_core.queue.Queue` retries them on
+conflict, commits, and fires the in-process wake-ups.  Every move between key
+spaces rewrites ``jobindex:{id}`` and merges the matching counter deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from . import keys
+from .config import QueueConfig
+from .errors import ClaimLost, CorruptRecord, JobNotFound
+from .kv import Transaction
+from .record import JobRecord, JobStatus, decode_record, encode_record
+
+METRICS = ("pending", "scheduled", "claimed", "done", "dead")
+_METRIC = {
+    JobStatus.PENDING: "pending",
+    JobStatus.SCHEDULED: "scheduled",
+    JobStatus.CLAIMED: "claimed",
+    JobStatus.DONE: "done",
+    JobStatus.DEAD: "dead",
+}
+
+KvWrites = Mapping[bytes, bytes | None]
+
+
+def key_for(job: JobRecord) -> bytes:
+    """The primary key a record lives under, from its status and fields."""
+    status = job.status
+    if status is JobStatus.PENDING:
+        return keys.pending_key(job.queue, job.priority, job.id)
+    if status is JobStatus.SCHEDULED:
+        assert job.run_at is not None
+        return keys.scheduled_key(job.run_at, job.queue, job.id)
+    if status is JobStatus.CLAIMED:
+        assert job.lease_expires_at is not None
+        return keys.claimed_key(job.lease_expires_at, job.queue, job.id)
+    if status is JobStatus.DONE:
+        assert job.completed_at is not None
+        return keys.done_key(job.completed_at, job.queue, job.id)
+    return keys.dead_key(job.queue, job.id)
+
+
+async def _count(txn: Transaction, queue: str, status: JobStatus, delta: int) -> None:
+    await txn.merge_counter(keys.stats_key(queue, _METRIC[status]), delta)
+
+
+async def _store(txn: Transaction, job: JobRecord) -> bytes:
+    """Write ``job`` under its key, point its index entry at it, count it in."""
+    key = key_for(job)
+    await txn.put(key, encode_record(job))
+    await txn.put(keys.jobindex_key(job.id), key)
+    await _count(txn, job.queue, job.status, 1)
+    return key
+
+
+async def _remove(txn: Transaction, key: bytes, job: JobRecord) -> None:
+    """Delete ``job``'s record at ``key`` and count it out (the index entry stays)."""
+    await txn.delete(key)
+    await _count(txn, job.queue, job.status, -1)
+
+
+async def _move(txn: Transaction, old_key: bytes, old: JobRecord, new: JobRecord) -> bytes:
+    await _remove(txn, old_key, old)
+    return await _store(txn, new)
+
+
+async def _drop(txn: Transaction, key: bytes, job: JobRecord) -> None:
+    """Remove a job entirely: record, index entry, and its counter."""
+    await _remove(txn, key, job)
+    await txn.delete(keys.jobindex_key(job.id))
+
+
+async def apply_kv_writes(txn: Transaction, writes: KvWrites | None) -> None:
+    """Apply caller KV writes (``None`` value = delete) under the ``usr:`` prefix."""
+    for key, value in (writes or {}).items():
+        if value is None:
+            await txn.delete(keys.user_key(key))
+        else:
+            await txn.put(keys.user_key(key), value)
+
+
+# -- enqueue -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inserted:
+    """The outcome of inserting a job: its id and whether it was new."""
+
+    id: str
+    created: bool
+
+
+async def insert(txn: Transaction, job: JobRecord, kv_writes: KvWrites | None = None) -> Inserted:
+    """Insert a new pending or scheduled job.
+
+    With a ``dedup_key`` held by a pending or scheduled job of the same
+    queue, nothing is written and that job's id is returned (``created``
+    false); ``kv_writes`` are then not applied either.
+    """
+    if job.dedup_key is not None:
+        dkey = keys.dedup_key(job.queue, job.dedup_key)
+        holder = await txn.get(dkey)
+        if holder is not None:
+            return Inserted(holder.decode(), False)
+        await txn.put(dkey, job.id.encode())
+    await _store(txn, job)
+    await apply_kv_writes(txn, kv_writes)
+    return Inserted(job.id, True)
+
+
+# -- claim -------------------------------------------------------------------
+
+
+async def claim_batch(
+    txn: Transaction, queue: str, limit: int, now: int, lease_ms: int
+) -> list[JobRecord]:
+    """Move up to ``limit`` jobs from the head of ``pending:{queue}:`` to claimed.
+
+    Each claim consumes an attempt and releases the job's dedup key (the
+    record keeps no dedup key afterwards, so a later retry cannot delete a
+    dedup entry that by then belongs to another job — the bug fixed upstream
+    in the 0.5.0 claim path).
+    """
+    rows = await txn.scan(keys.pending_prefix(queue), limit=limit)
+    claimed = []
+    for key, value in rows:
+        job = decode_record(value, key)
+        if job.dedup_key is not None:
+            await txn.delete(keys.dedup_key(queue, job.dedup_key))
+        new = replace(
+            job,
+            status=JobStatus.CLAIMED,
+            attempts=job.attempts + 1,
+            claimed_at=now,
+            lease_expires_at=now + lease_ms,
+            dedup_key=None,
+        )
+        await _move(txn, key, job, new)
+        claimed.append(new)
+    return claimed
+
+
+async def load_claim(txn: Transaction, job: JobRecord) -> tuple[bytes, JobRecord]:
+    """The stored record of ``job``'s claim.
+
+    Raises:
+        ClaimLost: the job is not claimed, or its claim (same lease, same
+            attempt) is no longer stored: reaped, settled, or a stale copy.
+    """
+    if job.status is not JobStatus.CLAIMED or job.lease_expires_at is None:
+        raise ClaimLost(f"job {job.id} is not a claimed job (status {job.status.value})")
+    key = keys.claimed_key(job.lease_expires_at, job.queue, job.id)
+    value = await txn.get(key)
+    if value is None:
+        raise ClaimLost(f"the claim of job {job.id} no longer exists (lease reaped or already settled)")
+    stored = decode_record(value, key)
+    if stored.attempts != job.attempts:
+        raise ClaimLost(f"job {job.id} was claimed again (attempt {stored.attempts}, this claim {job.attempts})")
+    return key, stored
+
+
+# -- settlement --------------------------------------------------------------
+
+
+async def ack(
+    txn: Transaction, job: JobRecord, now: int, config: QueueConfig, kv_writes: KvWrites | None = None
+) -> JobRecord:
+    """Settle a claim as done.  Keeps the record when the queue keeps done jobs."""
+    key, stored = await load_claim(txn, job)
+    done = replace(stored, status=JobStatus.DONE, completed_at=now, lease_expires_at=None)
+    if config.keep_done_jobs is None:
+        await _drop(txn, key, stored)
+        await _count(txn, job.queue, JobStatus.DONE, 1)
+    else:
+        await _move(txn, key, stored, done)
+    await apply_kv_writes(txn, kv_writes)
+    return done
+
+
+def _dead(job: JobRecord, now: int, error: str) -> JobRecord:
+    return replace(
+        job, status=JobStatus.DEAD, failed_at=now, last_error=error, lease_expires_at=None, run_at=None
+    )
+
+
+def retry_or_dead(job: JobRecord, now: int, error: str, config: QueueConfig) -> JobRecord:
+    """The record a failed claim becomes: scheduled (backoff), pending, or dead."""
+    if job.attempts >= job.max_attempts:
+        return _dead(job, now, error)
+    delay = config.backoff_ms(job.attempts)
+    base = replace(job, last_error=error, lease_expires_at=None, claimed_at=None)
+    if delay == 0:
+        return replace(base, status=JobStatus.PENDING, run_at=None)
+    return replace(base, status=JobStatus.SCHEDULED, run_at=now + delay)
+
+
+async def nack(txn: Transaction, job: JobRecord, now: int, error: str, config: QueueConfig) -> JobRecord:
+    """Settle a claim as failed: retry with backoff, or dead-letter when out of attempts.
+
+    Works from the stored record, so a cancel request persisted during the
+    claim survives (upstream fix in 0.11.0).
+    """
+    key, stored = await load_claim(txn, job)
+    new = retry_or_dead(stored, now, error, config)
+    await _move(txn, key, stored, new)
+    return new
+
+
+async def dead_letter(txn: Transaction, job: JobRecord, now: int, reason: str) -> JobRecord:
+    """Settle a claim as a permanent failure: straight to the dead-letter set."""
+    key, stored = await load_claim(txn, job)
+    new = _dead(stored, now, reason)
+    await _move(txn, key, stored, new)
+    return new
+
+
+async def renew(txn: Transaction, job: JobRecord, now: int, lease_ms: int) -> JobRecord:
+    """Move a claim to a lease ending at ``now + lease_ms``; returns the new record."""
+    key, stored = await load_claim(txn, job)
+    new = replace(stored, lease_expires_at=now + lease_ms)
+    if new.lease_expires_at != stored.lease_expires_at:
+        await _move(txn, key, stored, new)
+    return new
+
+
+# -- background sweeps -------------------------------------------------------
+
+
+async def promote_due(txn: Transaction, now: int, limit: int) -> list[JobRecord]:
+    """Move up to ``limit`` scheduled jobs whose ``run_at <= now`` to pending.
+
+    The scan is bounded above by ``now``, so it stops at the first future key.
+    """
+    rows = await txn.scan(keys.SCHEDULED, end=keys.time_bound(keys.SCHEDULED, now), limit=limit)
+    promoted = []
+    for key, value in rows:
+        job = decode_record(value, key)
+        new = replace(job, status=JobStatus.PENDING, run_at=None)
+        await _move(txn, key, job, new)
+        promoted.append(new)
+    return promoted
+
+
+async def expire_claims(
+    txn: Transaction,
+    until: int | None,
+    now: int,
+    limit: int,
+    configs: "QueueConfigs",
+    reason: str,
+) -> list[JobRecord]:
+    """Re-queue (or dead-letter when out of attempts) claims whose lease ends at or before ``until``.
+
+    ``until=None`` takes every claim: used at open, when no claim can belong
+    to a running process.  A re-queued job goes straight back to pending; the
+    attempt it consumed still counts, so ``max_attempts`` bounds a job that
+    keeps crashing its worker.
+    """
+    end = None if until is None else keys.time_bound(keys.CLAIMED, until)
+    rows = await txn.scan(keys.CLAIMED, end=end, limit=limit)
+    moved = []
+    for key, value in rows:
+        job = decode_record(value, key)
+        if job.attempts >= job.max_attempts:
+            new = _dead(job, now, reason)
+        else:
+            new = replace(job, status=JobStatus.PENDING, last_error=reason, lease_expires_at=None, claimed_at=None)
+        await _move(txn, key, job, new)
+        moved.append(new)
+    return moved
+
+
+async def sweep_done(
+    txn: Transaction, until: int, now: int, limit: int, configs: "QueueConfigs"
+) -> list[JobRecord]:
+    """Remove ``done`` records older than their queue's retention; returns them.
+
+    Keys are time-first, so the scan stops at ``until`` (the oldest possible
+    cut-off); each record is checked against its own queue's retention.
+    """
+    rows = await txn.scan(keys.DONE, end=keys.time_bound(keys.DONE, until), limit=limit)
+    removed = []
+    for key, value in rows:
+        job = decode_record(value, key)
+        keep = configs.get(job.queue).keep_done_jobs
+        if keep is not None and job.completed_at is not None and job.completed_at + int(keep * 1000) <= now:
+            await _drop(txn, key, job)
+            await _count(txn, job.queue, JobStatus.DONE, 1)  # the ack stays counted
+            removed.append(job)
+    return removed
+
+
+async def sweep_dead(
+    txn: Transaction, queue: str, now: int, retention_ms: int, start_after: bytes | None, limit: int
+) -> bytes | None:
+    """Remove dead letters of ``queue`` that failed more than ``retention_ms`` ago.
+
+    Dead keys are ordered by id, not by failure time, so the sweep walks the
+    set a page at a time from ``start_after``; it returns where the next
+    page starts (``None`` once the end was reached).
+    """
+    rows = await txn.scan(keys.dead_prefix(queue), start_after=start_after, limit=limit)
+    for key, value in rows:
+        job = decode_record(value, key)
+        if job.failed_at is not None and job.failed_at + retention_ms <= now:
+            await _drop(txn, key, job)
+    return rows[-1][0] if len(rows) == limit else None
+
+
+# -- reads -------------------------------------------------------------------
+
+
+async def find(txn: Transaction, job_id: str) -> tuple[bytes, JobRecord] | None:
+    """The current key and record of ``job_id``, or ``None`` when unknown."""
+    key = await txn.get(keys.jobindex_key(job_id))
+    if key is None:
+        return None
+    value = await txn.get(key)
+    if value is None:
+        raise CorruptRecord(f"jobindex:{job_id} points at {key!r}, which does not exist")
+    return key, decode_record(value, key)
+
+
+async def require(txn: Transaction, job_id: str) -> tuple[bytes, JobRecord]:
+    """Like :func:`find`, raising :class:`JobNotFound` for an unknown id."""
+    found = await find(txn, job_id)
+    if found is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return found
+
+
+async def read_stats(txn: Transaction, queue: str) -> dict[str, int]:
+    """The counters of ``queue`` (absent ones are 0)."""
+    from .kv import decode_counter
+
+    out = dict.fromkeys(METRICS, 0)
+    for key, value in await txn.scan(keys.stats_prefix(queue)):
+        metric = key[len(keys.stats_prefix(queue)):].decode()
+        out[metric] = decode_counter(value)
+    return out
+
+
+class QueueConfigs:
+    """The per-queue configurations with a default for unnamed queues."""
+
+    def __init__(self, default: QueueConfig, per_queue: Mapping[str, QueueConfig] | None = None) -> None:
+        self.default = default
+        self._per_queue = dict(per_queue or {})
+
+    def get(self, queue: str) -> QueueConfig:
+        return self._per_queue.get(queue, self.default)
+
+    def set(self, queue: str, config: QueueConfig) -> None:
+        self._per_queue[queue] = config
+
+    def named(self) -> Iterable[str]:
+        return self._per_queue.keys()

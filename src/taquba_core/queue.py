@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from . import keys, transitions
 from .clock import Clock, SystemClock
+from .counters import CounterMirror, RecordingTransaction
 from .config import QueueConfig, check_positive_int, seconds_to_ms
 from .errors import (
     Contention,
@@ -130,9 +131,11 @@ class Queue:
         self.promote_interval = seconds_to_ms("promote_interval", promote_interval, allow_zero=False) / 1000
         self.reap_interval = seconds_to_ms("reap_interval", reap_interval, allow_zero=False) / 1000
         self._available = Notifier()
+        self._wakes: dict[str, int] = {}  # per queue: how many times wake() was called
         self._claim_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._dead_cursors: dict[str, bytes | None] = {}
+        self._counters = CounterMirror()
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -176,6 +179,7 @@ class Queue:
             promote_interval=promote_interval,
             reap_interval=reap_interval,
         )
+        await queue._read(queue._counters.load)
         await queue.recover()
         if background:
             queue.start_background()
@@ -230,7 +234,7 @@ class Queue:
         if self._closed:
             raise StoreClosed("the queue is closed")
         for attempt in range(MAX_CONFLICT_RETRIES):
-            txn = await self.store.begin()
+            txn = RecordingTransaction(await self.store.begin())
             try:
                 result = await step(txn)
             except BaseException:
@@ -238,9 +242,14 @@ class Queue:
                 raise
             try:
                 await txn.commit(durable=durable)
-                return result
             except StoreConflict:
                 await asyncio.sleep(random.uniform(0, 0.001 * min(2**attempt, 64)))
+                continue
+            except BaseException:
+                self._counters.invalidate()
+                raise
+            self._counters.apply(txn.deltas)
+            return result
         raise Contention(f"gave up after {MAX_CONFLICT_RETRIES} write conflicts; retry later")
 
     async def _read(self, step: Callable[[Transaction], Awaitable[T]]) -> T:
@@ -252,6 +261,10 @@ class Queue:
             return await step(txn)
         finally:
             await txn.rollback()
+
+    async def _ensure_counters(self) -> None:
+        if not self._counters.loaded:
+            await self._read(self._counters.load)
 
     def _now(self) -> int:
         return self.clock.now_ms()
@@ -438,6 +451,7 @@ class Queue:
         wait_ms = seconds_to_ms("max_wait", max_wait)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
+        wakes = self._wakes.get(queue, 0)
         while True:
             waiter = self._available.register(queue)
             jobs = await self.claim_batch(queue, n, lease)
@@ -446,9 +460,12 @@ class Queue:
                 self._available.discard(queue, waiter)
                 return jobs
             await self._available.wait(queue, waiter, remaining)
+            if self._closed or self._wakes.get(queue, 0) != wakes:
+                return []
 
     def wake(self, queue: str) -> None:
-        """Wake the claimers waiting on ``queue`` (e.g. at shutdown)."""
+        """Make the claimers waiting on ``queue`` return empty-handed now (e.g. at shutdown)."""
+        self._wakes[queue] = self._wakes.get(queue, 0) + 1
         self._available.notify(queue)
 
     # -- settlement ---------------------------------------------------------
@@ -585,24 +602,14 @@ class Queue:
     async def stats(self, queue: str) -> QueueStats:
         """Counts of ``queue`` from its counters (no scan of the jobs)."""
         keys.validate_queue_name(queue)
-        counts = await self._read(lambda txn: transitions.read_stats(txn, queue))
+        await self._ensure_counters()
+        counts = {m: self._counters.get(keys.stats_key(queue, m)) for m in transitions.METRICS}
         return QueueStats(queue, **counts)
 
     async def list_queues(self) -> list[str]:
         """Names of every queue that has ever held a job, sorted."""
-
-        async def step(txn: Transaction) -> list[str]:
-            names: list[str] = []
-            after: bytes | None = None
-            while True:
-                rows = await txn.scan(keys.STATS, start_after=after, limit=1)
-                if not rows:
-                    return names
-                name = rows[0][0][len(keys.STATS):].split(b":", 1)[0]
-                names.append(name.decode())
-                after = keys.stats_prefix(name.decode()) + b"\xff"
-
-        return await self._read(step)
+        await self._ensure_counters()
+        return self._counters.queues()
 
     # -- caller KV namespace -----------------------------------------------
 
@@ -619,6 +626,15 @@ class Queue:
         """
         writes = check_kv_writes({key: value})
         await self._run(lambda txn: transitions.apply_kv_writes(txn, writes))
+
+    async def kv_write(self, writes: Mapping[bytes, bytes | None]) -> None:
+        """Apply several caller writes (``None`` deletes) in one durable commit.
+
+        Raises:
+            KvValueTooLarge, InvalidArgument: nothing is written.
+        """
+        checked = check_kv_writes(writes)
+        await self._run(lambda txn: transitions.apply_kv_writes(txn, checked))
 
     async def kv_delete(self, key: bytes) -> None:
         """Durably delete caller ``key`` (a no-op when absent)."""

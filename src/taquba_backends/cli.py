@@ -1,0 +1,234 @@
+"""The ``taquba`` command line.
+
+The store comes from ``--store URL``, else the ``TAQUBA_STORE`` environment
+variable, else the local directory ``./.taquba``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from taquba_core import PRIORITY_NORMAL, Queue, TaqubaError, run_worker_concurrent
+from taquba_core.worker import Handler
+
+from .demo import default_root, run_demo
+from .url import open_store
+
+DEFAULT_STORE = "./.taquba"
+T = TypeVar("T")
+
+store_option = click.option(
+    "--store",
+    envvar="TAQUBA_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    help="Store URL (file:///dir, a path, memory://, s3://bucket/prefix); env TAQUBA_STORE.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@asynccontextmanager
+async def opened(url: str, **options: Any) -> Any:
+    """An open :class:`Queue` on the store at ``url``, closed on exit."""
+    queue = await Queue.open(await open_store(url), **options)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run ``coro``; a :class:`TaqubaError` becomes one clear line and exit status 1."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except TaqubaError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """taquba: a durable task queue whose whole state lives in one object-storage KV store."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("payload")
+@click.option("--priority", type=int, default=None, help=f"Lower runs first (default {PRIORITY_NORMAL}).")
+@click.option("--delay", type=float, default=None, help="Seconds before the job may run.")
+@click.option("--max-attempts", type=int, default=None, help="Claims before dead-lettering.")
+@click.option("--header", "headers", multiple=True, metavar="K=V", help="A header; repeatable.")
+@click.option("--dedup-key", default=None, help="Skip when a queued job carries this key.")
+@store_option
+def enqueue(
+    queue: str,
+    payload: str,
+    priority: int | None,
+    delay: float | None,
+    max_attempts: int | None,
+    headers: tuple[str, ...],
+    dedup_key: str | None,
+    store: str,
+) -> None:
+    """Enqueue PAYLOAD (text; '-' reads bytes from stdin) on QUEUE and print the job id."""
+    data = sys.stdin.buffer.read() if payload == "-" else payload.encode()
+    parsed = {}
+    for item in headers:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"header {item!r} is not K=V", param_hint="--header")
+        parsed[key] = value
+
+    async def go() -> str:
+        async with opened(store, background=False) as q:
+            result = await q.enqueue_with(
+                queue,
+                data,
+                priority=priority,
+                delay=delay,
+                max_attempts=max_attempts,
+                headers=parsed,
+                dedup_key=dedup_key,
+            )
+            return result.id
+
+    click.echo(run(go()))
+
+
+def load_handler(spec: str) -> Handler:
+    """Import ``module:function`` (the current directory is importable)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not module:function", param_hint="HANDLER")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+        handler = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"cannot load {spec!r}: {exc}", param_hint="HANDLER") from exc
+    if not callable(handler):
+        raise click.BadParameter(f"{spec!r} is not callable", param_hint="HANDLER")
+    return handler  # type: ignore[no-any-return]
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("handler")
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Jobs handled at once.")
+@store_option
+def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
+    """Run HANDLER (module:function, async or sync, taking the job record) on QUEUE until Ctrl-C.
+
+    On Ctrl-C or SIGTERM no new job is claimed; jobs in flight finish and
+    settle, then the command exits 0.
+    """
+    func = load_handler(handler)
+
+    async def go() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, shutdown.set)
+        async with opened(store) as q:
+            click.echo(f"worker on {queue!r} ({concurrency} at once); Ctrl-C to stop", err=True)
+            stats = await run_worker_concurrent(q, queue, func, concurrency=concurrency, shutdown=shutdown)
+        click.echo(
+            f"stopped: {stats.acked} acked, {stats.nacked} nacked, {stats.dead_lettered} dead-lettered",
+            err=True,
+        )
+
+    run(go())
+
+
+def _table(title: str, columns: list[str], rows: Iterator[list[Any]] | list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    Console().print(table)
+
+
+@main.command()
+@click.argument("queue", required=False)
+@json_option
+@store_option
+def stats(queue: str | None, as_json: bool, store: str) -> None:
+    """Per-queue job counts (every queue, or QUEUE)."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with opened(store, background=False) as q:
+            names = [queue] if queue else await q.list_queues()
+            return [asdict(await q.stats(name)) for name in names]
+
+    rows = run(go())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ["queue", "pending", "scheduled", "claimed", "done", "dead"]
+    _table("taquba stats", columns, [[row[c] for c in columns] for row in rows])
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--workers", type=int, default=4, show_default=True, help="Concurrent workers.")
+@store_option
+def demo(directory: Path | None, workers: int, store: str) -> None:
+    """Fingerprint every file under DIRECTORY (default: Python's standard library) through the queue.
+
+    Each file's SHA-256, size and line count is stored durably with its
+    job's acknowledgement.  After Ctrl-C or kill -9, running the same
+    command again resumes where it stopped.
+    """
+    root = directory or default_root()
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]fingerprinting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+    def on_start(total: int, done: int, resumed: bool) -> Callable[[int], None]:
+        word = "resuming" if resumed else "starting"
+        console.print(f"{word}: {total} files under {root} ({done} already done), store {store}")
+        task = progress.add_task("files", total=total, completed=done)
+        progress.start()
+        return lambda left: progress.update(task, completed=total - left)
+
+    async def go() -> Any:
+        async with opened(store) as q:
+            try:
+                return await run_demo(q, root, workers, on_start)
+            finally:
+                progress.stop()
+
+    summary = run(go())
+    if summary.dead:
+        console.print(f"[yellow]{summary.dead} files could not be read (dead-lettered)")
+    for line in summary.lines_out():
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

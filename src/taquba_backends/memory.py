@@ -1,0 +1,411 @@
+"""A pure-Python, in-process store with snapshot isolation (for tests and demos).
+
+:class:`MemoryStore` keeps multiple versions of each key (MVCC):
+
+* a sorted list of keys (found with :mod:`bisect`) and, per key, its
+  versions as ``(commit_seq, value)`` pairs, oldest first; a ``None`` value is
+  a tombstone (a delete);
+* :meth:`MemoryStore.begin` records the current commit sequence number; the
+  transaction reads the newest version at or below it, with its own buffered
+  puts, deletes and counter merges laid on top;
+* :meth:`MemoryTransaction.commit` is first-committer-wins: when a key this
+  transaction put or deleted has a version committed after it began, it
+  raises :class:`~taquba_core.errors.StoreConflict` and applies nothing.
+  Counter merges are not checked; they are added to the latest committed
+  value at commit.  The check and the apply run without an ``await`` between
+  them, so they are atomic with respect to other asyncio tasks;
+* versions that no open transaction can see any more are pruned when a
+  transaction ends (a transaction dropped without commit or rollback ends
+  when it is garbage-collected), and a key whose only remaining version is
+  an invisible tombstone is dropped, so memory stays proportional to the
+  live data plus what open transactions still see.
+
+For tests, :meth:`MemoryStore.inject_faults` makes upcoming commits fail (see
+:class:`FaultPlan`).  Nothing is injected unless a test asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from bisect import bisect_left, bisect_right, insort
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from operator import itemgetter
+
+from taquba_core.errors import InvalidArgument, StoreClosed, StoreConflict, StoreError
+from taquba_core.kv import COUNTER, KVStore, Transaction, add_counter
+
+from ._keyrange import scan_bounds
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+Version = tuple[int, bytes | None]
+"""One committed version of a key: ``(commit_seq, value)``; ``None`` is a tombstone."""
+_version_seq = itemgetter(0)
+
+
+def check_delta(delta: int) -> int:
+    """Return ``delta`` when it is a signed 64-bit integer.
+
+    Raises:
+        InvalidArgument: ``delta`` is not an ``int`` or out of range.
+    """
+    if not isinstance(delta, int) or isinstance(delta, bool) or not INT64_MIN <= delta <= INT64_MAX:
+        raise InvalidArgument(f"counter delta must be a signed 64-bit int, got {delta!r}")
+    return delta
+
+
+class Fault(Enum):
+    """What an injected fault does to one commit."""
+
+    CONFLICT = "conflict"
+    """Raise :class:`StoreConflict`; nothing is applied."""
+    FAIL_BEFORE_APPLY = "fail before apply"
+    """Raise :class:`StoreError`; nothing is applied."""
+    FAIL_AFTER_APPLY = "fail after apply"
+    """Apply the writes, then raise :class:`StoreError` (an ambiguous failure)."""
+
+
+@dataclass
+class FaultPlan:
+    """Faults for the next commits of a :class:`MemoryStore` (tests only).
+
+    Each counter is the number of upcoming eligible commits that get that
+    fault; a commit takes at most one fault, in the order ``conflicts``,
+    ``fail_before_apply``, ``fail_after_apply``, and each use decrements its
+    counter.  A commit is eligible when it writes something (read-only
+    commits are never faulted) and, when ``matches`` is given, when
+    ``matches(keys)`` is true for the set of keys it puts, deletes or merges.
+    """
+
+    conflicts: int = 0
+    fail_before_apply: int = 0
+    fail_after_apply: int = 0
+    matches: Callable[[frozenset[bytes]], bool] | None = None
+
+    def take(self, keys: frozenset[bytes]) -> Fault | None:
+        """The fault for a commit writing ``keys``, consuming one use; ``None`` for no fault."""
+        if not (self.conflicts or self.fail_before_apply or self.fail_after_apply):
+            return None
+        if self.matches is not None and not self.matches(keys):
+            return None
+        if self.conflicts:
+            self.conflicts -= 1
+            return Fault.CONFLICT
+        if self.fail_before_apply:
+            self.fail_before_apply -= 1
+            return Fault.FAIL_BEFORE_APPLY
+        self.fail_after_apply -= 1
+        return Fault.FAIL_AFTER_APPLY
+
+
+class MemoryStore(KVStore):
+    """An in-process MVCC store with snapshot isolation.  Opened by ``inmemory://``.
+
+    Not thread-safe: use it from one asyncio event loop.  Its data is lost when
+    the object is dropped.
+    """
+
+    url = "inmemory://"
+
+    def __init__(self) -> None:
+        self._keys: list[bytes] = []
+        self._versions: dict[bytes, list[Version]] = {}
+        self._seq = 0
+        # Start seqs of open transactions: counts, and the distinct seqs in begin order.
+        self._active: dict[int, int] = {}
+        self._active_order: deque[int] = deque()
+        # (seq, key): from commit ``seq`` on, ``key`` has an old version or a tombstone to prune.
+        self._garbage: deque[tuple[int, bytes]] = deque()
+        # Start seqs of transactions dropped unfinished (appended by __del__, released later).
+        self._abandoned: list[int] = []
+        self._closed = False
+        self._faults = FaultPlan()
+
+    # -- public ------------------------------------------------------------
+
+    async def begin(self) -> MemoryTransaction:
+        """Start a transaction that sees every commit made so far.
+
+        Raises:
+            StoreClosed: the store was closed.
+        """
+        self._check_open()
+        self._release_abandoned()
+        start = self._seq
+        if start not in self._active:
+            self._active[start] = 0
+            self._active_order.append(start)
+        self._active[start] += 1
+        return MemoryTransaction(self, start)
+
+    async def close(self) -> None:
+        """Close the store; later ``begin`` calls and open transactions raise :class:`StoreClosed`."""
+        self._closed = True
+
+    def inject_faults(self, plan: FaultPlan | None = None, /, **counters: int) -> FaultPlan:
+        """Replace the fault plan (tests only) and return it.
+
+        Pass a :class:`FaultPlan`, or its counters as keywords, e.g.
+        ``store.inject_faults(fail_after_apply=1)``.  ``inject_faults()`` with
+        no argument clears every fault.
+        """
+        self._faults = plan if plan is not None else FaultPlan(**counters)
+        return self._faults
+
+    def footprint(self) -> tuple[int, int]:
+        """``(keys, versions)`` held now, tombstones included; for tests of pruning."""
+        return len(self._keys), sum(len(v) for v in self._versions.values())
+
+    # -- used by MemoryTransaction -------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.url} is closed")
+
+    def _read(self, key: bytes, seq: int) -> bytes | None:
+        """The value of ``key`` as of commit ``seq``."""
+        versions = self._versions.get(key)
+        if not versions:
+            return None
+        i = bisect_right(versions, seq, key=_version_seq)
+        return versions[i - 1][1] if i else None
+
+    def _last_commit(self, key: bytes) -> int:
+        """The seq of the newest committed version of ``key``; -1 when none is held."""
+        versions = self._versions.get(key)
+        return versions[-1][0] if versions else -1
+
+    def _keys_from(self, start: bytes, inclusive: bool, end: bytes | None) -> Iterator[bytes]:
+        """Held keys from ``start`` up to ``end`` (exclusive), ascending.
+
+        Must be consumed without awaiting in between: the list may change.
+        """
+        keys = self._keys
+        i = bisect_left(keys, start) if inclusive else bisect_right(keys, start)
+        while i < len(keys) and (end is None or keys[i] < end):
+            yield keys[i]
+            i += 1
+
+    def _commit(self, start: int, writes: dict[bytes, bytes | None], merges: dict[bytes, int]) -> None:
+        """Check conflicts and apply, atomically (no await).
+
+        ``writes`` holds final values (merges on written keys folded in);
+        ``merges`` only the keys that were merged without being written.
+
+        Raises:
+            StoreClosed, StoreConflict, StoreError (injected).
+        """
+        self._check_open()
+        fault = self._faults.take(frozenset(writes) | frozenset(merges))
+        if fault is Fault.CONFLICT:
+            raise StoreConflict(f"injected conflict in store {self.url}")
+        if fault is Fault.FAIL_BEFORE_APPLY:
+            raise StoreError(f"injected failure before apply in store {self.url}")
+        for key in writes:
+            if self._last_commit(key) > start:
+                raise StoreConflict(
+                    f"key {key!r} was written by a concurrent commit in store {self.url}"
+                )
+        self._seq += 1
+        seq = self._seq
+        for key, value in writes.items():
+            self._add_version(key, seq, value)
+        for key, delta in merges.items():
+            latest = self._read(key, seq)
+            self._add_version(key, seq, add_counter(latest, COUNTER.pack(delta)))
+        if fault is Fault.FAIL_AFTER_APPLY:
+            raise StoreError(f"injected failure after apply in store {self.url}")
+
+    def _add_version(self, key: bytes, seq: int, value: bytes | None) -> None:
+        versions = self._versions.get(key)
+        if versions is None:
+            versions = self._versions[key] = []
+            insort(self._keys, key)
+        versions.append((seq, value))
+        if len(versions) > 1 or value is None:
+            self._garbage.append((seq, key))
+
+    def _release(self, start: int) -> None:
+        """A transaction that began at ``start`` ended: forget it and prune."""
+        self._forget(start)
+        self._release_abandoned()
+        self._prune()
+
+    def _forget(self, start: int) -> None:
+        self._active[start] -= 1
+        if self._active[start] == 0:
+            del self._active[start]
+        while self._active_order and self._active_order[0] not in self._active:
+            self._active_order.popleft()
+
+    def _release_abandoned(self) -> None:
+        while self._abandoned:
+            self._forget(self._abandoned.pop())
+
+    def _prune(self) -> None:
+        """Drop versions below what the oldest open transaction (or a new one) sees."""
+        horizon = self._active_order[0] if self._active_order else self._seq
+        while self._garbage and self._garbage[0][0] <= horizon:
+            _, key = self._garbage.popleft()
+            versions = self._versions.get(key)
+            if not versions:
+                continue
+            visible = bisect_right(versions, horizon, key=_version_seq) - 1
+            if visible > 0:
+                del versions[:visible]
+            if len(versions) == 1 and versions[0][1] is None and versions[0][0] <= horizon:
+                del self._versions[key]
+                del self._keys[bisect_left(self._keys, key)]
+
+
+class MemoryTransaction(Transaction):
+    """A snapshot-isolated transaction of a :class:`MemoryStore`.
+
+    Writes are buffered here and applied at :meth:`commit`.  After commit or
+    rollback every method but :meth:`rollback` raises :class:`StoreClosed`.
+    """
+
+    def __init__(self, store: MemoryStore, start: int) -> None:
+        self._store = store
+        self._start = start
+        self._writes: dict[bytes, bytes | None] = {}
+        self._merges: dict[bytes, int] = {}  # deltas added after the key's last put/delete
+        self._done = False
+
+    def __del__(self) -> None:
+        # Dropped without commit or rollback: stop pinning its snapshot.  Only
+        # queue the release (an atomic append), as this may run at any point.
+        if not getattr(self, "_done", True):
+            self._store._abandoned.append(self._start)
+
+    def _check_usable(self) -> None:
+        if self._done:
+            raise StoreClosed(f"transaction on store {self._store.url} already committed or rolled back")
+        self._store._check_open()
+
+    def _visible(self, key: bytes) -> bytes | None:
+        base = self._writes[key] if key in self._writes else self._store._read(key, self._start)
+        if key in self._merges:
+            return add_counter(base, COUNTER.pack(self._merges[key]))
+        return base
+
+    async def get(self, key: bytes) -> bytes | None:
+        """The value under ``key`` in this transaction's view, or ``None``.
+
+        Raises:
+            StoreClosed: the transaction ended or the store was closed.
+        """
+        self._check_usable()
+        return self._visible(key)
+
+    async def scan(
+        self,
+        prefix: bytes,
+        *,
+        start_after: bytes | None = None,
+        end: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (key, value) pairs under ``prefix`` in this transaction's view, ascending.
+
+        ``start_after`` and ``end`` are exclusive full keys.
+
+        Raises:
+            StoreClosed: the transaction ended or the store was closed.
+        """
+        self._check_usable()
+        bounds = scan_bounds(prefix, start_after, end)
+        if bounds is None or (limit is not None and limit <= 0):
+            return []
+
+        def in_range(key: bytes) -> bool:
+            above = key >= bounds.start if bounds.start_inclusive else key > bounds.start
+            return above and (bounds.end is None or key < bounds.end)
+
+        own = sorted(k for k in {*self._writes, *self._merges} if in_range(k))
+        committed = self._store._keys_from(bounds.start, bounds.start_inclusive, bounds.end)
+        out: list[tuple[bytes, bytes]] = []
+        previous: bytes | None = None
+        for key in heapq.merge(committed, own):
+            if key == previous:
+                continue
+            previous = key
+            value = self._visible(key)
+            if value is not None:
+                out.append((key, value))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        """Buffer a write of ``value`` under ``key``.
+
+        Raises:
+            StoreClosed: the transaction ended or the store was closed.
+        """
+        self._check_usable()
+        self._writes[key] = bytes(value)
+        self._merges.pop(key, None)
+
+    async def delete(self, key: bytes) -> None:
+        """Buffer a delete of ``key`` (conflict-checked even when absent).
+
+        Raises:
+            StoreClosed: the transaction ended or the store was closed.
+        """
+        self._check_usable()
+        self._writes[key] = None
+        self._merges.pop(key, None)
+
+    async def merge_counter(self, key: bytes, delta: int) -> None:
+        """Buffer adding ``delta`` (signed 64-bit) to the counter under ``key``.
+
+        Raises:
+            InvalidArgument: ``delta`` is not a signed 64-bit int.
+            StoreClosed: the transaction ended or the store was closed.
+        """
+        self._check_usable()
+        self._merges[key] = self._merges.get(key, 0) + check_delta(delta)
+
+    async def commit(self, *, durable: bool = True) -> None:
+        """Apply the buffered writes atomically (``durable`` makes no difference here).
+
+        Yields to the event loop once first, as a real store's I/O would.
+
+        Raises:
+            StoreConflict: a key this transaction put or deleted was committed
+                by another transaction after this one began; nothing applied.
+            StoreClosed: the transaction ended or the store was closed.
+            StoreError: an injected fault (see :class:`FaultPlan`).
+        """
+        self._check_usable()
+        writes = {
+            key: add_counter(value, COUNTER.pack(self._merges[key])) if key in self._merges else value
+            for key, value in self._writes.items()
+        }
+        merges = {key: d for key, d in self._merges.items() if key not in self._writes}
+        self._finish()  # unusable from here on, even during the yield below
+        try:
+            await asyncio.sleep(0)
+            if writes or merges:
+                self._store._commit(self._start, writes, merges)
+            else:
+                self._store._check_open()
+        finally:
+            self._store._release(self._start)
+
+    async def rollback(self) -> None:
+        """Discard the buffered writes; a no-op when the transaction already ended."""
+        if not self._done:
+            self._finish()
+            self._store._release(self._start)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._writes.clear()
+        self._merges.clear()

@@ -1,0 +1,407 @@
+"""The production store: SlateDB on object storage, through ``slatedb.uniffi``.
+
+Accepted URLs (see :func:`parse_slatedb_url`):
+
+* ``memory://`` — SlateDB over an in-memory object store.  Every open gets a
+  fresh, empty store: nothing survives ``close``.
+* ``file:///abs/dir`` — a local directory (created when missing).
+* ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/prefix``
+  — object storage; the prefix defaults to ``taquba``.
+
+Every URL may carry ``?flush_interval_ms=N``: how often SlateDB writes its
+write-ahead log to the object store, in milliseconds.  A durable commit waits
+for the next flush, so this bounds one sequential caller to about
+``1000 / N`` commits a second, while concurrent callers share a flush (group
+commit).  Defaults: 5 ms for ``memory://`` and ``file://``, 50 ms for cloud
+schemes (each flush is a PUT request).
+
+S3 is configured from the environment, the way the ``object_store`` crate
+reads it: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` and the other
+``AWS_*`` variables.  The endpoint of an S3-compatible server is taken from
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` (boto's names) or
+``AWS_ENDPOINT``, first set wins.  An ``http://`` endpoint needs plain HTTP
+allowed; it is allowed automatically unless ``AWS_ALLOW_HTTP`` says otherwise
+(without it the object store retries for minutes instead of failing).  GCS
+and Azure are configured by the ``GOOGLE_*`` and ``AZURE_*`` variables that
+``object_store`` reads (for example ``GOOGLE_SERVICE_ACCOUNT``,
+``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``).
+
+Errors map onto the taquba hierarchy: a lost write-write conflict is
+:class:`~taquba_core.errors.StoreConflict`; a writer fenced by a newer one is
+:class:`~taquba_core.errors.StoreFenced`; a closed store is
+:class:`~taquba_core.errors.StoreClosed`; anything else SlateDB raises is
+:class:`~taquba_core.errors.StoreError` with the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import slatedb.uniffi as sdb
+
+from taquba_core.errors import (
+    InvalidStoreUrl,
+    StoreClosed,
+    StoreConflict,
+    StoreError,
+    StoreFenced,
+    TaqubaError,
+)
+from taquba_core.kv import COUNTER, KVStore, Transaction, add_counter
+
+from ._keyrange import scan_bounds
+from .memory import check_delta
+
+T = TypeVar("T")
+
+LOCAL_FLUSH_INTERVAL_MS = 5
+CLOUD_FLUSH_INTERVAL_MS = 50
+MAX_FLUSH_INTERVAL_MS = 60_000
+DEFAULT_PREFIX = "taquba"
+SCAN_BATCH = 256
+"""Rows fetched per ``next_batch`` call across the FFI boundary."""
+
+CLOUD_SCHEMES = frozenset({"s3", "gs", "az"})
+SCHEMES = frozenset({"memory", "file"}) | CLOUD_SCHEMES
+S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLocation:
+    """Where a SlateDB store lives, parsed from its URL.
+
+    ``bucket`` is the bucket or container (empty for ``memory`` and ``file``);
+    ``path`` is the database path inside the object store (for ``file``, the
+    absolute directory); ``flush_interval_ms`` is the WAL flush interval in
+    milliseconds.
+    """
+
+    url: str
+    scheme: str
+    bucket: str
+    path: str
+    flush_interval_ms: int
+
+    def object_store(self) -> sdb.ObjectStore:
+        """Build the object store for this location.
+
+        Raises:
+            slatedb.uniffi.Error: the object store cannot be configured.
+        """
+        if self.scheme == "memory":
+            return sdb.ObjectStore.resolve("memory://")
+        if self.scheme == "file":
+            return sdb.ObjectStore.resolve("file:///")
+        if self.scheme == "s3":
+            return _s3_object_store(self.bucket)
+        return sdb.ObjectStore.resolve(f"{self.scheme}://{self.bucket}")
+
+
+def _s3_object_store(bucket: str) -> sdb.ObjectStore:
+    """An S3 store configured from ``AWS_*`` variables (see the module notes)."""
+    builder = sdb.ObjectStoreBuilder.from_env(sdb.ObjectStoreType.S3)
+    builder.with_url(f"s3://{bucket}")
+    endpoint = next((os.environ[v] for v in S3_ENDPOINT_VARIABLES if os.environ.get(v)), None)
+    if endpoint is not None:
+        builder.with_config("endpoint", endpoint)
+        if endpoint.lower().startswith("http://") and "AWS_ALLOW_HTTP" not in os.environ:
+            builder.with_config("allow_http", "true")
+    return builder.build()
+
+
+def parse_slatedb_url(url: str) -> StoreLocation:
+    """Parse a SlateDB store URL (forms in the module notes).
+
+    Raises:
+        InvalidStoreUrl: unknown scheme, missing bucket, relative ``file``
+            path, unknown query parameter or bad ``flush_interval_ms``; the
+            message names the URL.
+    """
+
+    def bad(why: str) -> InvalidStoreUrl:
+        return InvalidStoreUrl(f"invalid store URL {url!r}: {why}")
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES or not url[len(scheme) + 1 :].startswith("//"):
+        raise bad("expected memory://, file:///abs/dir, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")
+    if parts.fragment:
+        raise bad("a fragment (#...) is not allowed")
+    if port is not None or "@" in parts.netloc or ":" in parts.netloc:
+        raise bad("credentials and ports do not belong in the URL; use environment variables")
+    flush_interval_ms = _flush_interval(parts.query, scheme, bad)
+    path = unquote(parts.path)
+    if scheme == "memory":
+        if parts.netloc or path not in ("", "/"):
+            raise bad("memory:// takes no location")
+        return StoreLocation(url, scheme, "", "db", flush_interval_ms)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise bad("a file URL needs an absolute path: file:///abs/dir (three slashes)")
+        directory = os.path.normpath(path) if path else ""
+        if not directory.startswith("/") or directory == "/":
+            raise bad("a file URL needs an absolute directory path: file:///abs/dir")
+        return StoreLocation(url, scheme, "", directory, flush_interval_ms)
+    if not parts.netloc:
+        raise bad(f"{scheme}:// needs a bucket: {scheme}://bucket/prefix")
+    prefix = path.strip("/") or DEFAULT_PREFIX
+    return StoreLocation(url, scheme, parts.netloc, prefix, flush_interval_ms)
+
+
+def _flush_interval(query: str, scheme: str, bad: Callable[[str], InvalidStoreUrl]) -> int:
+    """The ``flush_interval_ms`` query parameter, or the scheme's default, in milliseconds."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise bad(f"malformed query {query!r}") from exc
+    unknown = set(params) - {"flush_interval_ms"}
+    if unknown:
+        raise bad(f"unknown query parameter(s) {sorted(unknown)}; only flush_interval_ms is accepted")
+    if "flush_interval_ms" not in params:
+        return CLOUD_FLUSH_INTERVAL_MS if scheme in CLOUD_SCHEMES else LOCAL_FLUSH_INTERVAL_MS
+    values = params["flush_interval_ms"]
+    if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()) or not 1 <= int(values[0]) <= MAX_FLUSH_INTERVAL_MS:
+        raise bad(f"flush_interval_ms must be one integer from 1 to {MAX_FLUSH_INTERVAL_MS}")
+    return int(values[0])
+
+
+class CounterMergeOperator(sdb.MergeOperator):
+    """SlateDB merge operator for taquba counters: signed 64-bit little-endian addition."""
+
+    def merge(self, key: bytes, existing_value: bytes | None, operand: bytes) -> bytes:
+        """``existing_value + operand``; an absent value counts as 0.
+
+        Raises:
+            slatedb.uniffi.MergeOperatorCallbackError.Failed: a value is not 8 bytes.
+        """
+        try:
+            return add_counter(existing_value, operand)
+        except struct.error as exc:
+            raise sdb.MergeOperatorCallbackError.Failed(f"key {key!r} does not hold a counter: {exc}") from exc
+
+
+class SlateDBStore(KVStore):
+    """A taquba store in one SlateDB database.  Create it with :meth:`open`.
+
+    The process that opens a database becomes its only writer and fences any
+    earlier writer; once fenced, every later call raises :class:`StoreFenced`.
+    """
+
+    def __init__(self, db: sdb.Db, url: str) -> None:
+        """Wrap an open database; use :meth:`open` instead."""
+        self._db = db
+        self.url = url
+        self._closed = False
+        self._fenced = False
+
+    @classmethod
+    async def open(cls, url: str) -> SlateDBStore:
+        """Open (or create) the database at ``url`` and fence any other writer.
+
+        Raises:
+            InvalidStoreUrl: ``url`` is malformed (see :func:`parse_slatedb_url`).
+            StoreError: the object store is unreachable or misconfigured.
+        """
+        location = parse_slatedb_url(url)
+        settings = sdb.Settings.default()
+        settings.set("flush_interval", json.dumps(f"{location.flush_interval_ms}ms"))
+        try:
+            if location.scheme == "file":
+                os.makedirs(location.path, exist_ok=True)
+            builder = sdb.DbBuilder(location.path, location.object_store())
+            builder.with_merge_operator(CounterMergeOperator())
+            builder.with_settings(settings)
+            db = await builder.build()
+        except sdb.Error as exc:
+            raise StoreError(f"cannot open store {url}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open store {url}: {exc}") from exc
+        return cls(db, location.url)
+
+    async def begin(self) -> SlateDBTransaction:
+        """Start a snapshot-isolated transaction.
+
+        Raises:
+            StoreClosed: the store was closed.
+            StoreFenced: another writer took the store over.
+            StoreError: SlateDB failed.
+        """
+        self._check_usable()
+        txn = await self._call(self._db.begin(sdb.IsolationLevel.SNAPSHOT))
+        return SlateDBTransaction(self, txn)
+
+    async def close(self) -> None:
+        """Flush and shut the database down; a no-op when already closed.
+
+        A fenced store closes without error.
+
+        Raises:
+            StoreError: SlateDB failed to shut down cleanly.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._db.shutdown()
+        except sdb.Error.Closed:
+            pass  # fenced or already shut down: nothing left to flush
+        except sdb.Error as exc:
+            raise StoreError(f"store {self.url} did not shut down cleanly: {exc}") from exc
+
+    def _check_usable(self) -> None:
+        if self._fenced:
+            raise self._fenced_error()
+        if self._closed:
+            raise StoreClosed(f"store {self.url} is closed")
+
+    def _fenced_error(self) -> StoreFenced:
+        return StoreFenced(
+            f"store {self.url} was opened by another writer (detected newer DB client); "
+            "this process may no longer write to it: reopen the store or stop"
+        )
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a SlateDB call, translating its errors into the taquba hierarchy."""
+        try:
+            return await awaitable
+        except sdb.Error as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: sdb.Error) -> TaqubaError:
+        if isinstance(exc, sdb.Error.Transaction):
+            return StoreConflict(f"write-write conflict in store {self.url}: {exc}")
+        if isinstance(exc, sdb.Error.Closed):
+            if exc.reason == sdb.CloseReason.FENCED:
+                self._fenced = True
+                return self._fenced_error()
+            if exc.reason == sdb.CloseReason.CLEAN:
+                return StoreClosed(f"store {self.url} is closed")
+        return StoreError(f"store {self.url} failed: {exc}")
+
+
+class SlateDBTransaction(Transaction):
+    """A snapshot-isolated SlateDB transaction.
+
+    After commit or rollback every method but :meth:`rollback` raises
+    :class:`StoreClosed`.  Every method may raise :class:`StoreFenced` or
+    :class:`StoreError` when SlateDB fails.
+    """
+
+    def __init__(self, store: SlateDBStore, txn: sdb.DbTransaction) -> None:
+        self._store = store
+        self._txn = txn
+        self._written: set[bytes] = set()  # put or deleted: conflict-checked
+        self._merged: set[bytes] = set()
+        self._done = False
+
+    def _check_usable(self) -> None:
+        if self._done:
+            raise StoreClosed(f"transaction on store {self._store.url} already committed or rolled back")
+        self._store._check_usable()
+
+    async def get(self, key: bytes) -> bytes | None:
+        """The value under ``key`` in this transaction's view, or ``None``."""
+        self._check_usable()
+        return await self._store._call(self._txn.get(key))
+
+    async def scan(
+        self,
+        prefix: bytes,
+        *,
+        start_after: bytes | None = None,
+        end: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (key, value) pairs under ``prefix`` in this transaction's view, ascending.
+
+        ``start_after`` and ``end`` are exclusive full keys.  Rows cross the
+        FFI boundary in batches of at most :data:`SCAN_BATCH`.
+        """
+        self._check_usable()
+        bounds = scan_bounds(prefix, start_after, end)
+        if bounds is None or (limit is not None and limit <= 0):
+            return []
+        key_range = sdb.KeyRange(
+            start=bounds.start, start_inclusive=bounds.start_inclusive, end=bounds.end, end_inclusive=False
+        )
+        iterator = await self._store._call(self._txn.scan(key_range))
+        out: list[tuple[bytes, bytes]] = []
+        while True:
+            want = SCAN_BATCH if limit is None else min(SCAN_BATCH, limit - len(out))
+            batch = await self._store._call(iterator.next_batch(want))
+            out.extend((row.key, row.value) for row in batch)
+            if len(batch) < want or len(out) == limit:
+                return out
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        """Buffer a write of ``value`` under ``key``."""
+        self._check_usable()
+        await self._store._call(self._txn.put(key, value))
+        self._written.add(key)
+
+    async def delete(self, key: bytes) -> None:
+        """Buffer a delete of ``key`` (conflict-checked even when absent)."""
+        self._check_usable()
+        await self._store._call(self._txn.delete(key))
+        self._written.add(key)
+
+    async def merge_counter(self, key: bytes, delta: int) -> None:
+        """Buffer adding ``delta`` (signed 64-bit) to the counter under ``key``.
+
+        Raises:
+            InvalidArgument: ``delta`` is not a signed 64-bit int.
+        """
+        self._check_usable()
+        await self._store._call(self._txn.merge(key, COUNTER.pack(check_delta(delta))))
+        self._merged.add(key)
+
+    async def commit(self, *, durable: bool = True) -> None:
+        """Commit; with ``durable`` wait until the WAL write reached the object store.
+
+        Keys that were only merged are excluded from conflict detection first
+        (SlateDB counts a merge as a write otherwise).
+
+        Raises:
+            StoreConflict: a concurrent commit wrote a key this one put or deleted.
+            StoreFenced: another writer took the store over (at commit or
+                while waiting for durability).
+            StoreClosed: the transaction ended or the store was closed.
+            StoreError: SlateDB failed.
+        """
+        self._check_usable()
+        self._done = True
+        merge_only = list(self._merged - self._written)
+        call = self._store._call
+        if merge_only:
+            try:
+                await call(self._txn.unmark_write(merge_only))
+            except TaqubaError:
+                await self._abandon()
+                raise
+        handle = await call(self._txn.commit())
+        if handle is not None and durable:
+            await call(handle.await_durable())
+
+    async def rollback(self) -> None:
+        """Discard the buffered writes; a no-op when the transaction already ended."""
+        if self._done:
+            return
+        self._done = True
+        await self._abandon()
+
+    async def _abandon(self) -> None:
+        try:
+            await self._txn.rollback()
+        except sdb.Error:
+            pass  # ended already, or the store closed or was fenced: the writes are gone anyway

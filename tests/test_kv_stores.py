@@ -1,0 +1,504 @@
+"""The KV contract (taquba_core.kv) on every store adapter, plus URL dispatch and S3."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taquba_backends import MemoryStore, SlateDBStore, open_store
+from taquba_backends.memory import FaultPlan
+from taquba_backends.slatedb_store import parse_slatedb_url
+from taquba_core.errors import (
+    InvalidArgument,
+    InvalidStoreUrl,
+    StoreClosed,
+    StoreConflict,
+    StoreError,
+    StoreFenced,
+)
+from taquba_core.kv import KVStore, Transaction, decode_counter
+
+
+
+@pytest.fixture(params=["inmemory", "slatedb-memory", "slatedb-file"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KVStore]:
+    """Each adapter in turn: pure Python, SlateDB in memory, SlateDB on local disk."""
+    urls = {"inmemory": "inmemory://", "slatedb-memory": "memory://", "slatedb-file": (tmp_path / "db").as_uri()}
+    kv = await open_store(urls[request.param])
+    yield kv
+    await kv.close()
+
+
+async def write(kv: KVStore, **items: bytes | None) -> None:
+    """Commit puts (``None``: delete) of ``key=value`` pairs in one transaction."""
+    txn = await kv.begin()
+    for key, value in items.items():
+        if value is None:
+            await txn.delete(key.encode())
+        else:
+            await txn.put(key.encode(), value)
+    await txn.commit()
+
+
+async def read(kv: KVStore, key: bytes) -> bytes | None:
+    """The committed value of ``key``."""
+    txn = await kv.begin()
+    try:
+        return await txn.get(key)
+    finally:
+        await txn.rollback()
+
+
+async def keys(txn: Transaction, prefix: bytes, **kwargs: object) -> list[bytes]:
+    """The keys ``txn.scan`` returns."""
+    return [k for k, _ in await txn.scan(prefix, **kwargs)]  # type: ignore[arg-type]
+
+
+# -- snapshot isolation -------------------------------------------------------
+
+
+async def test_snapshot_hides_later_commits(store: KVStore) -> None:
+    await write(store, a=b"1")
+    old = await store.begin()
+    await write(store, a=b"2", b=b"2")
+    assert await old.get(b"a") == b"1"
+    assert await old.get(b"b") is None
+    assert await old.scan(b"") == [(b"a", b"1")]
+    await old.commit()
+    assert await read(store, b"a") == b"2"
+
+
+async def test_own_writes_visible_in_get_and_scan(store: KVStore) -> None:
+    await write(store, a=b"old", b=b"old", c=b"old")
+    txn = await store.begin()
+    await txn.put(b"a", b"new")
+    await txn.delete(b"b")
+    await txn.put(b"d", b"new")
+    await txn.merge_counter(b"n", 5)
+    await txn.merge_counter(b"n", -2)
+    assert await txn.get(b"a") == b"new"
+    assert await txn.get(b"b") is None
+    assert decode_counter(await txn.get(b"n")) == 3
+    assert await txn.scan(b"") == [(b"a", b"new"), (b"c", b"old"), (b"d", b"new"), (b"n", (3).to_bytes(8, "little"))]
+    await txn.commit()
+    after = await store.begin()
+    assert await keys(after, b"") == [b"a", b"c", b"d", b"n"]
+    await after.rollback()
+
+
+async def test_merge_after_put_or_delete_in_one_transaction(store: KVStore) -> None:
+    txn = await store.begin()
+    await txn.put(b"p", (10).to_bytes(8, "little", signed=True))
+    await txn.merge_counter(b"p", 5)
+    await txn.merge_counter(b"d", 7)
+    await txn.delete(b"d")
+    await txn.merge_counter(b"d", 2)
+    assert decode_counter(await txn.get(b"p")) == 15
+    assert decode_counter(await txn.get(b"d")) == 2
+    await txn.commit()
+    assert decode_counter(await read(store, b"p")) == 15
+    assert decode_counter(await read(store, b"d")) == 2
+
+
+async def test_rollback_discards(store: KVStore) -> None:
+    txn = await store.begin()
+    await txn.put(b"a", b"1")
+    await txn.merge_counter(b"n", 1)
+    await txn.rollback()
+    assert await read(store, b"a") is None
+    assert await read(store, b"n") is None
+
+
+# -- scan ----------------------------------------------------------------------
+
+
+async def test_scan_order_bounds_and_limit(store: KVStore) -> None:
+    await write(store, **{k: k.encode() for k in ["a", "a:3", "a:1", "a:2", "a:10", "ab", "b:1", "0"]})
+    txn = await store.begin()
+    assert await keys(txn, b"a:") == [b"a:1", b"a:10", b"a:2", b"a:3"]
+    assert await keys(txn, b"a:", start_after=b"a:10") == [b"a:2", b"a:3"]
+    assert await keys(txn, b"a:", start_after=b"a") == [b"a:1", b"a:10", b"a:2", b"a:3"]
+    assert await keys(txn, b"a:", end=b"a:2") == [b"a:1", b"a:10"]
+    assert await keys(txn, b"a:", end=b"z") == [b"a:1", b"a:10", b"a:2", b"a:3"]
+    assert await keys(txn, b"a:", start_after=b"a:1", end=b"a:3") == [b"a:10", b"a:2"]
+    assert await keys(txn, b"a:", start_after=b"a:2", end=b"a:2") == []
+    assert await keys(txn, b"a:", start_after=b"a:3", end=b"a:1") == []
+    assert await keys(txn, b"a:", start_after=b"a:3") == []
+    assert await keys(txn, b"a:", limit=2) == [b"a:1", b"a:10"]
+    assert await keys(txn, b"a:", limit=0) == []
+    assert await keys(txn, b"a") == [b"a", b"a:1", b"a:10", b"a:2", b"a:3", b"ab"]
+    assert await keys(txn, b"") == [b"0", b"a", b"a:1", b"a:10", b"a:2", b"a:3", b"ab", b"b:1"]
+    assert await keys(txn, b"c") == []
+    assert await txn.scan(b"b:") == [(b"b:1", b"b:1")]
+    await txn.rollback()
+
+
+async def test_scan_prefix_of_ff_bytes(store: KVStore) -> None:
+    txn = await store.begin()
+    for key in [b"\xff", b"\xff\xff", b"\xff\x00", b"\xfe\xff"]:
+        await txn.put(key, b"v")
+    await txn.commit()
+    txn = await store.begin()
+    assert await keys(txn, b"\xff") == [b"\xff", b"\xff\x00", b"\xff\xff"]
+    assert await keys(txn, b"\xfe") == [b"\xfe\xff"]
+    await txn.rollback()
+
+
+async def test_scan_many_rows_in_batches(store: KVStore) -> None:
+    txn = await store.begin()
+    for i in range(700):
+        await txn.put(b"k:%05d" % i, b"v")
+    await txn.commit()
+    txn = await store.begin()
+    assert len(await txn.scan(b"k:")) == 700
+    limited = await keys(txn, b"k:", start_after=b"k:00099", limit=300)
+    assert limited == [b"k:%05d" % i for i in range(100, 400)]
+    await txn.rollback()
+
+
+# -- conflicts -------------------------------------------------------------------
+
+
+async def test_write_write_conflict_applies_nothing(store: KVStore) -> None:
+    first, second = await store.begin(), await store.begin()
+    await first.put(b"k", b"first")
+    await second.put(b"k", b"second")
+    await second.put(b"other", b"second")
+    await second.merge_counter(b"n", 1)
+    await first.commit()
+    with pytest.raises(StoreConflict):
+        await second.commit()
+    assert await read(store, b"k") == b"first"
+    assert await read(store, b"other") is None
+    assert await read(store, b"n") is None
+
+
+async def test_delete_delete_conflict(store: KVStore) -> None:
+    await write(store, k=b"v")
+    first, second = await store.begin(), await store.begin()
+    await first.delete(b"k")
+    await second.delete(b"k")
+    await first.commit()
+    with pytest.raises(StoreConflict):
+        await second.commit()
+
+
+async def test_delete_of_absent_key_conflicts(store: KVStore) -> None:
+    first, second = await store.begin(), await store.begin()
+    await first.delete(b"ghost")
+    await second.put(b"ghost", b"v")
+    await first.commit()
+    with pytest.raises(StoreConflict):
+        await second.commit()
+
+
+async def test_disjoint_and_sequential_writes_do_not_conflict(store: KVStore) -> None:
+    first, second = await store.begin(), await store.begin()
+    await first.put(b"a", b"1")
+    await second.put(b"b", b"2")
+    await first.commit()
+    await second.commit()
+    later = await store.begin()
+    await later.put(b"a", b"3")
+    await later.commit()
+    assert await read(store, b"a") == b"3"
+    assert await read(store, b"b") == b"2"
+
+
+async def test_concurrent_counter_merges_both_apply(store: KVStore) -> None:
+    await write(store, n=(100).to_bytes(8, "little"))
+    first, second = await store.begin(), await store.begin()
+    await first.merge_counter(b"n", 1)
+    await first.put(b"x", b"1")
+    await second.merge_counter(b"n", -3)
+    await second.merge_counter(b"m", 7)
+    await first.commit()
+    await second.commit()
+    assert decode_counter(await read(store, b"n")) == 98
+    assert decode_counter(await read(store, b"m")) == 7
+
+
+async def test_merged_then_put_key_is_still_conflict_checked(store: KVStore) -> None:
+    first, second = await store.begin(), await store.begin()
+    await first.merge_counter(b"k", 1)
+    await first.put(b"k", b"\x00" * 8)
+    await second.put(b"k", b"\x01" * 8)
+    await second.commit()
+    with pytest.raises(StoreConflict):
+        await first.commit()
+
+
+async def test_read_modify_write_under_contention_loses_no_update(store: KVStore) -> None:
+    async def increment() -> None:
+        while True:
+            txn = await store.begin()
+            value = decode_counter(await txn.get(b"c"))
+            await asyncio.sleep(0)
+            await txn.put(b"c", (value + 1).to_bytes(8, "little"))
+            try:
+                await txn.commit()
+                return
+            except StoreConflict:
+                continue
+
+    await asyncio.gather(*(increment() for _ in range(10)))
+    assert decode_counter(await read(store, b"c")) == 10
+
+
+async def test_merge_delta_must_be_int64(store: KVStore) -> None:
+    txn = await store.begin()
+    with pytest.raises(InvalidArgument):
+        await txn.merge_counter(b"n", 2**63)
+    await txn.rollback()
+
+
+# -- commit modes and lifecycle ----------------------------------------------------
+
+
+async def test_read_only_and_empty_commits(store: KVStore) -> None:
+    txn = await store.begin()
+    assert await txn.get(b"nothing") is None
+    await txn.commit()
+    await (await store.begin()).commit()
+
+
+async def test_non_durable_commit_is_visible(store: KVStore) -> None:
+    txn = await store.begin()
+    await txn.put(b"k", b"v")
+    await txn.commit(durable=False)
+    assert await read(store, b"k") == b"v"
+
+
+async def test_finished_transaction_is_unusable(store: KVStore) -> None:
+    txn = await store.begin()
+    await txn.put(b"k", b"v")
+    await txn.commit()
+    with pytest.raises(StoreClosed):
+        await txn.get(b"k")
+    with pytest.raises(StoreClosed):
+        await txn.commit()
+    await txn.rollback()  # a no-op
+
+
+async def test_closed_store_refuses_work(store: KVStore) -> None:
+    await store.close()
+    with pytest.raises(StoreClosed):
+        await store.begin()
+    await store.close()  # idempotent
+
+
+# -- SlateDB on disk: durability and fencing ----------------------------------------
+
+
+async def test_durable_commit_survives_reopen(tmp_path: Path) -> None:
+    url = (tmp_path / "db").as_uri()
+    kv = await SlateDBStore.open(url)
+    txn = await kv.begin()
+    await txn.put(b"k", b"v")
+    await txn.merge_counter(b"n", 4)
+    await txn.commit()
+    await kv.close()
+    reopened = await open_store(url)
+    assert await read(reopened, b"k") == b"v"
+    assert decode_counter(await read(reopened, b"n")) == 4
+    await reopened.close()
+
+
+async def test_second_writer_fences_the_first(tmp_path: Path) -> None:
+    url = (tmp_path / "db").as_uri()
+    first = await SlateDBStore.open(url)
+    await write(first, k=b"first")
+    second = await SlateDBStore.open(url)
+    txn = await first.begin()
+    await txn.put(b"k", b"stale")
+    with pytest.raises(StoreFenced, match=str(tmp_path)):
+        await txn.commit()
+    with pytest.raises(StoreFenced):
+        await first.begin()
+    await first.close()  # a fenced store closes quietly
+    assert await read(second, b"k") == b"first"
+    await write(second, k=b"second")
+    assert await read(second, b"k") == b"second"
+    await second.close()
+
+
+async def test_s3_round_trip(s3_url: str) -> None:
+    kv = await open_store(s3_url)
+    assert isinstance(kv, SlateDBStore)
+    txn = await kv.begin()
+    await txn.put(b"k", b"v")
+    await txn.merge_counter(b"n", 2)
+    await txn.commit()
+    await kv.close()
+    reopened = await open_store(s3_url)
+    assert await read(reopened, b"k") == b"v"
+    assert decode_counter(await read(reopened, b"n")) == 2
+    await reopened.close()
+
+
+# -- URLs ----------------------------------------------------------------------------
+
+
+async def test_open_store_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kv = await open_store("inmemory://")
+    assert isinstance(kv, MemoryStore)
+    await kv.close()
+    kv = await open_store("memory://?flush_interval_ms=1")
+    assert isinstance(kv, SlateDBStore)
+    await kv.close()
+    monkeypatch.chdir(tmp_path)
+    kv = await open_store("relative/dir")
+    assert isinstance(kv, SlateDBStore)
+    assert kv.url == (tmp_path / "relative" / "dir").as_uri()
+    assert (tmp_path / "relative" / "dir").is_dir()
+    await write(kv, k=b"v")
+    await kv.close()
+    kv = await open_store(str(tmp_path / "relative" / "dir"))
+    assert await read(kv, b"k") == b"v"
+    await kv.close()
+
+
+def test_slatedb_url_forms() -> None:
+    assert parse_slatedb_url("s3://bucket").path == "taquba"
+    s3 = parse_slatedb_url("s3://bucket/a/b/?flush_interval_ms=20")
+    assert (s3.bucket, s3.path, s3.flush_interval_ms) == ("bucket", "a/b", 20)
+    assert parse_slatedb_url("gs://b/p").flush_interval_ms == 50
+    assert parse_slatedb_url("az://container").bucket == "container"
+    local = parse_slatedb_url("file:///tmp/some%20dir/")
+    assert (local.path, local.flush_interval_ms) == ("/tmp/some dir", 5)
+    assert parse_slatedb_url("file://localhost/tmp/x").path == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "ftp://host/x",
+        "file://relative/dir",
+        "file:///",
+        "file:relative",
+        "s3://",
+        "s3:///prefix",
+        "s3:bucket",
+        "s3://user:pw@bucket/p",
+        "s3://bucket:9000/p",
+        "s3://bucket:/p",
+        "memory://?flush_interval_ms=\u00b2",
+        "gs://",
+        "memory://somewhere",
+        "memory://?flush_interval_ms=0",
+        "memory://?flush_interval_ms=fast",
+        "memory://?flush_interval_ms=5&flush_interval_ms=6",
+        "memory://?flush=5",
+        "memory://#frag",
+        "inmemory://x",
+        "inmemory:",
+    ],
+)
+async def test_invalid_urls(url: str) -> None:
+    with pytest.raises(InvalidStoreUrl) as info:
+        await open_store(url)
+    assert repr(url) in str(info.value)
+
+
+# -- MemoryStore specifics: pruning, fault injection, model check --------------------
+
+
+async def test_memory_prunes_versions_nobody_sees() -> None:
+    kv = MemoryStore()
+    for i in range(50):
+        await write(kv, k=b"%d" % i)
+    assert kv.footprint() == (1, 1)
+    old = await kv.begin()
+    for i in range(5):
+        await write(kv, k=b"new%d" % i, gone=None)
+    assert kv.footprint()[1] > 2
+    assert await old.get(b"k") == b"49"
+    await old.rollback()
+    assert kv.footprint() == (1, 1)
+    await write(kv, k=None)
+    assert kv.footprint() == (0, 0)
+
+
+async def test_memory_dropped_transaction_stops_pinning_versions() -> None:
+    kv = MemoryStore()
+    await write(kv, k=b"1")
+    forgotten = await kv.begin()
+    await write(kv, k=b"2")
+    assert kv.footprint() == (1, 2)
+    del forgotten
+    await write(kv, k=b"3")
+    assert kv.footprint() == (1, 1)
+
+
+async def test_memory_fault_injection() -> None:
+    kv = MemoryStore()
+    kv.inject_faults(conflicts=1, fail_before_apply=1, fail_after_apply=1)
+    await (await kv.begin()).commit()  # read-only commits are never faulted
+    with pytest.raises(StoreConflict):
+        await write(kv, a=b"1")
+    with pytest.raises(StoreError) as before:
+        await write(kv, b=b"1")
+    assert not isinstance(before.value, StoreConflict)
+    with pytest.raises(StoreError):
+        await write(kv, c=b"1")
+    await write(kv, d=b"1")
+    assert [await read(kv, k) for k in (b"a", b"b", b"c", b"d")] == [None, None, b"1", b"1"]
+
+    plan = kv.inject_faults(FaultPlan(fail_before_apply=1, matches=lambda ks: b"target" in ks))
+    await write(kv, other=b"1")
+    with pytest.raises(StoreError):
+        await write(kv, target=b"1")
+    assert plan.fail_before_apply == 0
+    await write(kv, target=b"2")
+    assert await read(kv, b"target") == b"2"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    committed=st.dictionaries(st.sampled_from([b"", b"a", b"a:", b"a:a", b"ab", b"b", b"\xff", b"a\xff"]), st.binary(max_size=2)),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["put", "delete"]), st.sampled_from([b"a", b"a:", b"a:b", b"b:", b"\xff\xff"]), st.binary(max_size=2)),
+        max_size=8,
+    ),
+    prefix=st.sampled_from([b"", b"a", b"a:", b"b", b"\xff"]),
+    start_after=st.none() | st.sampled_from([b"", b"a", b"a:", b"a:a", b"b", b"\xff"]),
+    end=st.none() | st.sampled_from([b"", b"a:", b"a:b", b"ab", b"b", b"\xff\xff\xff"]),
+    limit=st.none() | st.integers(min_value=0, max_value=4),
+)
+def test_memory_scan_matches_a_dict_model(
+    committed: dict[bytes, bytes],
+    ops: list[tuple[str, bytes, bytes]],
+    prefix: bytes,
+    start_after: bytes | None,
+    end: bytes | None,
+    limit: int | None,
+) -> None:
+    async def run() -> list[tuple[bytes, bytes]]:
+        kv = MemoryStore()
+        txn = await kv.begin()
+        for key, value in committed.items():
+            await txn.put(key, value)
+        await txn.commit()
+        txn = await kv.begin()
+        for op, key, value in ops:
+            await (txn.put(key, value) if op == "put" else txn.delete(key))
+        return await txn.scan(prefix, start_after=start_after, end=end, limit=limit)
+
+    model = dict(committed)
+    for op, key, value in ops:
+        if op == "put":
+            model[key] = value
+        else:
+            model.pop(key, None)
+    expected = [
+        (k, v)
+        for k, v in sorted(model.items())
+        if k.startswith(prefix) and (start_after is None or k > start_after) and (end is None or k < end)
+    ][:limit]
+    assert asyncio.run(run()) == expected

@@ -7,6 +7,7 @@ variable, else the local directory ``./.taquba``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import json
 import logging
@@ -23,7 +24,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from taquba_core import PRIORITY_NORMAL, Queue, TaqubaError, run_worker_concurrent
+from taquba_core import (
+    PRIORITY_NORMAL,
+    CancelOutcome,
+    JobRecord,
+    JobStatus,
+    Queue,
+    TaqubaError,
+    run_worker_concurrent,
+)
 from taquba_core.worker import Handler
 
 from .demo import default_root, run_demo
@@ -161,7 +170,7 @@ def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
 def _table(title: str, columns: list[str], rows: Iterator[list[Any]] | list[list[Any]]) -> None:
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, min_width=26 if column == "id" else None)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     Console().print(table)
@@ -228,6 +237,182 @@ def demo(directory: Path | None, workers: int, store: str) -> None:
         console.print(f"[yellow]{summary.dead} files could not be read (dead-lettered)")
     for line in summary.lines_out():
         click.echo(line)
+
+
+def _job_dict(job: JobRecord) -> dict[str, Any]:
+    """A JSON-ready view of a record: payload as text when it is UTF-8, else base64."""
+    out = {k: v for k, v in asdict(job).items() if k != "cancellation"}
+    out["status"] = job.status.value
+    try:
+        out["payload"] = job.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        out["payload_base64"] = base64.b64encode(job.payload).decode()
+        del out["payload"]
+    return out
+
+
+JOB_COLUMNS = ["id", "status", "priority", "attempts", "last_error", "payload"]
+
+
+def _job_row(row: dict[str, Any]) -> list[str]:
+    cells = dict(row, attempts=f"{row['attempts']}/{row['max_attempts']}")
+    cells.setdefault("payload", "base64:" + row.get("payload_base64", ""))
+    return ["" if cells[c] is None else str(cells[c])[:40] for c in JOB_COLUMNS]
+
+
+def _print_jobs(title: str, jobs: list[JobRecord], as_json: bool, cursor: str | None = None) -> None:
+    rows = [_job_dict(job) for job in jobs]
+    if as_json:
+        click.echo(json.dumps({"jobs": rows, "cursor": cursor} if cursor is not None else rows, indent=2))
+        return
+    _table(title, JOB_COLUMNS, [_job_row(r) for r in rows])
+    if cursor is not None:
+        click.echo(f"more: --cursor {cursor}", err=True)
+
+
+@main.command()
+@click.argument("queue")
+@click.option(
+    "--status",
+    type=click.Choice([s.value.lower() for s in JobStatus]),
+    default="pending",
+    show_default=True,
+)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--cursor", default=None, help="Resume after a previous page.")
+@json_option
+@store_option
+def jobs(queue: str, status: str, limit: int, cursor: str | None, as_json: bool, store: str) -> None:
+    """List QUEUE's jobs in one state, in that state's order."""
+
+    async def go() -> tuple[list[JobRecord], str | None]:
+        async with opened(store, background=False) as q:
+            return await q.list_jobs(queue, status.capitalize(), cursor, limit)
+
+    page, next_cursor = run(go())
+    _print_jobs(f"{queue}: {status}", page, as_json, next_cursor)
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--after", default=None, help="List dead jobs after this id.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@json_option
+@store_option
+def dead(queue: str, after: str | None, limit: int, as_json: bool, store: str) -> None:
+    """List QUEUE's dead letters in id order."""
+
+    async def go() -> list[JobRecord]:
+        async with opened(store, background=False) as q:
+            return await q.dead_jobs(queue, after, limit)
+
+    _print_jobs(f"{queue}: dead", run(go()), as_json)
+
+
+def _one_job_command(action: Callable[[Queue, str], Awaitable[Any]]) -> Callable[[str, str], Any]:
+    """Run ``action(queue, job_id)`` on an opened store and return its result."""
+
+    def call(job_id: str, store: str) -> Any:
+        async def go() -> Any:
+            async with opened(store, background=False) as q:
+                return await action(q, job_id)
+
+        return run(go())
+
+    return call
+
+
+@main.command()
+@click.argument("job_id")
+@json_option
+@store_option
+def get(job_id: str, as_json: bool, store: str) -> None:
+    """Show one job."""
+    job = _one_job_command(Queue.get_job)(job_id, store)
+    if job is None:
+        raise click.ClickException(f"no job with id {job_id!r}")
+    _print_jobs(job_id, [job], as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@store_option
+def requeue(job_id: str, store: str) -> None:
+    """Move a dead job back to pending with a fresh attempt budget."""
+    job = _one_job_command(Queue.requeue_dead_job)(job_id, store)
+    click.echo(f"requeued {job.id} on {job.queue}")
+
+
+@main.command()
+@click.argument("job_id")
+@store_option
+def cancel(job_id: str, store: str) -> None:
+    """Cancel a job: removed when waiting, a request when claimed."""
+    outcome = _one_job_command(Queue.cancel)(job_id, store)
+    if outcome is CancelOutcome.NOT_FOUND:
+        raise click.ClickException(f"no pending, scheduled or claimed job with id {job_id!r}")
+    click.echo(outcome.value)
+
+
+@main.group()
+def kv() -> None:
+    """The caller key-value namespace (keys and values as UTF-8 text)."""
+
+
+def _kv_call(store: str, action: Callable[[Queue], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with opened(store, background=False) as q:
+            return await action(q)
+
+    return run(go())
+
+
+@kv.command("get")
+@click.argument("key")
+@store_option
+def kv_get(key: str, store: str) -> None:
+    """Print the value under KEY."""
+    value = _kv_call(store, lambda q: q.kv_get(key.encode()))
+    if value is None:
+        raise click.ClickException(f"no value under key {key!r}")
+    click.echo(value.decode("utf-8", errors="backslashreplace"))
+
+
+@kv.command("put")
+@click.argument("key")
+@click.argument("value")
+@store_option
+def kv_put(key: str, value: str, store: str) -> None:
+    """Store VALUE under KEY."""
+    _kv_call(store, lambda q: q.kv_put(key.encode(), value.encode()))
+
+
+@kv.command("del")
+@click.argument("key")
+@store_option
+def kv_del(key: str, store: str) -> None:
+    """Delete KEY."""
+    _kv_call(store, lambda q: q.kv_delete(key.encode()))
+
+
+@kv.command("scan")
+@click.argument("prefix", default="")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--cursor", default=None, help="Resume after this key.")
+@json_option
+@store_option
+def kv_scan(prefix: str, limit: int, cursor: str | None, as_json: bool, store: str) -> None:
+    """List keys under PREFIX in ascending order."""
+    after = None if cursor is None else cursor.encode()
+    page, next_key = _kv_call(store, lambda q: q.kv_scan(prefix.encode(), after, limit))
+    rows = [[k.decode("utf-8", "backslashreplace"), v.decode("utf-8", "backslashreplace")] for k, v in page]
+    if as_json:
+        nxt = None if next_key is None else next_key.decode("utf-8", "backslashreplace")
+        click.echo(json.dumps({"items": [dict(zip(("key", "value"), r)) for r in rows], "cursor": nxt}, indent=2))
+        return
+    _table(f"kv {prefix!r}", ["key", "value"], rows)
+    if next_key is not None:
+        click.echo(f"more: --cursor {next_key.decode('utf-8', 'backslashreplace')}", err=True)
 
 
 if __name__ == "__main__":

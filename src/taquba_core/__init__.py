@@ -20,7 +20,7 @@ from .errors import (
 )
 from .kv import KVStore, Transaction
 from .kvapi import MAX_KV_VALUE_SIZE
-from .queue import EnqueueResult, Queue, QueueStats
+from .queue import CancelOutcome, EnqueueResult, Queue, QueueStats, WaitOutcome, WaitStatus
 from .record import JobRecord, JobStatus
 from .worker import AckWith, PermanentFailure, WorkerStats, run_worker, run_worker_concurrent
 
@@ -30,6 +30,7 @@ __all__ = [
     "PRIORITY_LOW",
     "PRIORITY_NORMAL",
     "AckWith",
+    "CancelOutcome",
     "CancelRequested",
     "ClaimLost",
     "Clock",
@@ -56,6 +57,8 @@ __all__ = [
     "SystemClock",
     "TaqubaError",
     "Transaction",
+    "WaitOutcome",
+    "WaitStatus",
     "WorkerStats",
     "run_worker",
     "run_worker_concurrent",

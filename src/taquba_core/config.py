@@ -12,10 +12,13 @@ PRIORITY_NORMAL = 1000
 PRIORITY_LOW = 10000
 
 
+INT64_MAX = 2**63 - 1
+
+
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` when it is an int >= ``minimum``, else raise :class:`InvalidArgument` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(f"{name} must be an int >= {minimum}, got {value!r}")
+    """Return ``value`` when it is an int in ``minimum``..2^63-1, else raise :class:`InvalidArgument` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
+        raise InvalidArgument(f"{name} must be an int from {minimum} to {INT64_MAX}, got {value!r}")
     return value
 
 

@@ -10,6 +10,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import TypeVar
 
 from . import keys, transitions
@@ -57,6 +58,43 @@ class EnqueueResult:
     created: bool
 
 
+class CancelOutcome(str, Enum):
+    """What :meth:`Queue.cancel` did."""
+
+    REMOVED = "removed"
+    """The job was pending or scheduled and is gone (its dedup key released)."""
+    REQUESTED = "requested"
+    """The job is claimed: ``cancel_requested`` is stored and the claim's signal fired."""
+    NOT_FOUND = "not_found"
+    """The job is done, dead, or unknown."""
+
+
+class WaitStatus(str, Enum):
+    """How :meth:`Queue.wait_for_completion` ended."""
+
+    COMPLETED = "completed"
+    TIMED_OUT = "timed_out"
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    """The result of a completion wait.
+
+    ``record`` is the terminal record when one is kept (dead jobs always,
+    done jobs when the queue keeps them), else ``None``.
+    """
+
+    status: WaitStatus
+    record: JobRecord | None = None
+
+
+def _check_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not job_id or not _encodable(job_id):
+        raise InvalidArgument(f"job id must be a non-empty str of valid UTF-8, got {job_id!r}")
+    return job_id
+
+
 def _check_payload(payload: object) -> bytes:
     if isinstance(payload, (bytearray, memoryview)):
         return bytes(payload)
@@ -65,21 +103,35 @@ def _check_payload(payload: object) -> bytes:
     return payload
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can be stored: UTF-8 has no lone surrogates."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _error_text(error: object) -> str:
+    """``str(error)`` with characters UTF-8 cannot store (lone surrogates) backslash-escaped."""
+    return str(error).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_headers(headers: object) -> dict[str, str]:
     if headers is None:
         return {}
     if not isinstance(headers, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        isinstance(k, str) and isinstance(v, str) and _encodable(k) and _encodable(v) for k, v in headers.items()
     ):
-        raise InvalidArgument(f"headers must be a mapping of str to str, got {headers!r}")
+        raise InvalidArgument(f"headers must be a mapping of str to str (valid UTF-8), got {headers!r}")
     return dict(headers)
 
 
 def _check_dedup_key(dedup_key: object) -> str | None:
     if dedup_key is None:
         return None
-    if not isinstance(dedup_key, str) or not dedup_key:
-        raise InvalidArgument(f"dedup_key must be a non-empty str, got {dedup_key!r}")
+    if not isinstance(dedup_key, str) or not dedup_key or not _encodable(dedup_key):
+        raise InvalidArgument(f"dedup_key must be a non-empty str of valid UTF-8, got {dedup_key!r}")
     return dedup_key
 
 
@@ -131,6 +183,8 @@ class Queue:
         self.promote_interval = seconds_to_ms("promote_interval", promote_interval, allow_zero=False) / 1000
         self.reap_interval = seconds_to_ms("reap_interval", reap_interval, allow_zero=False) / 1000
         self._available = Notifier()
+        self._completed = Notifier()
+        self._cancel_signals: dict[str, asyncio.Event] = {}
         self._wakes: dict[str, int] = {}  # per queue: how many times wake() was called
         self._claim_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,6 +262,7 @@ class Queue:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._available.notify_all()
+        self._completed.notify_all()
         await self.store.close()
 
     @property
@@ -416,9 +471,14 @@ class Queue:
         lease_ms = self.lease_ms(queue, lease)
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
         async with lock:
-            return await self._run(
-                lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms)
-            )
+            jobs = await self._run(lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms))
+        for job in jobs:
+            # setdefault: a cancel() that ran between the commit and here has
+            # already created (and set) the signal.
+            job.cancellation = self._cancel_signals.setdefault(job.id, asyncio.Event())
+            if job.cancel_requested:
+                job.cancellation.set()
+        return jobs
 
     async def claim(self, queue: str, lease: float | None = None) -> JobRecord | None:
         """Claim the next job of ``queue`` (lowest priority number, then oldest) or ``None``.
@@ -480,6 +540,7 @@ class Queue:
         writes = check_kv_writes(kv_writes)
         config = self.configs.get(job.queue)
         await self._run(lambda txn: transitions.ack(txn, job, self._now(), config, writes))
+        self._claim_ended(job.id, terminal=True)
 
     async def nack(self, job: JobRecord, error: str) -> JobRecord:
         """Settle a claimed job as failed; returns the record it became.
@@ -493,7 +554,8 @@ class Queue:
             ClaimLost: the claim no longer exists; nothing is written.
         """
         config = self.configs.get(job.queue)
-        new = await self._run(lambda txn: transitions.nack(txn, job, self._now(), str(error), config))
+        new = await self._run(lambda txn: transitions.nack(txn, job, self._now(), _error_text(error), config))
+        self._claim_ended(job.id, terminal=new.status is JobStatus.DEAD)
         if new.status is JobStatus.PENDING:
             self._available.notify(job.queue)
         return new
@@ -504,7 +566,9 @@ class Queue:
         Raises:
             ClaimLost: the claim no longer exists; nothing is written.
         """
-        return await self._run(lambda txn: transitions.dead_letter(txn, job, self._now(), str(reason)))
+        new = await self._run(lambda txn: transitions.dead_letter(txn, job, self._now(), _error_text(reason)))
+        self._claim_ended(job.id, terminal=True)
+        return new
 
     async def renew_lease(self, job: JobRecord, lease: float | None = None) -> int:
         """Extend a claim's lease to ``lease`` seconds from now; returns the new expiry (ms).
@@ -542,6 +606,12 @@ class Queue:
             self._available.notify(queue)
         return len(jobs)
 
+    def _claim_ended(self, job_id: str, *, terminal: bool) -> None:
+        """Forget a claim's cancel signal; wake completion waiters when the job is finished."""
+        self._cancel_signals.pop(job_id, None)
+        if terminal:
+            self._completed.notify(job_id)
+
     async def promote_now(self) -> int:
         """Move every due scheduled job to pending; returns how many moved."""
         moved = await self._sweep(lambda txn: transitions.promote_due(txn, self._now(), SWEEP_BATCH))
@@ -564,6 +634,8 @@ class Queue:
         moved = await self._sweep(
             lambda txn: transitions.expire_claims(txn, until, self._now(), SWEEP_BATCH, self.configs, reason)
         )
+        for job in moved:
+            self._claim_ended(job.id, terminal=job.status is JobStatus.DEAD)
         return self._wake_pending(moved)
 
     async def _sweep_retention(self) -> None:
@@ -594,8 +666,7 @@ class Queue:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The current record of ``job_id``, or ``None`` when unknown (or acked and not kept)."""
-        if not isinstance(job_id, str):
-            raise InvalidArgument(f"job id must be a str, got {job_id!r}")
+        _check_job_id(job_id)
         found = await self._read(lambda txn: transitions.find(txn, job_id))
         return None if found is None else found[1]
 
@@ -655,3 +726,114 @@ class Queue:
         rows = await self._read(lambda txn: txn.scan(full, start_after=after, limit=limit))
         page = [(k[len(keys.USER):], v) for k, v in rows]
         return page, (page[-1][0] if len(page) == limit else None)
+
+    async def enqueue_with_kv(
+        self,
+        queue: str,
+        payload: bytes,
+        kv_writes: Mapping[bytes, bytes | None],
+        **options: object,
+    ) -> EnqueueResult:
+        """:meth:`enqueue_with` whose caller KV writes commit with the job (none on a dedup hit)."""
+        return await self.enqueue_with(queue, payload, kv_writes=kv_writes, **options)  # type: ignore[arg-type]
+
+    # -- cancellation and completion ----------------------------------------
+
+    async def cancel(self, job_id: str) -> CancelOutcome:
+        """Cancel a job.
+
+        A pending or scheduled job is removed (its dedup key released):
+        ``REMOVED``.  A claimed job gets ``cancel_requested`` stored and its
+        claim's ``cancellation`` event set: ``REQUESTED``; the handler decides
+        how to stop, the flag survives ``nack``, ``dead_letter`` and a lease
+        expiry (a re-claim starts with the event set), and lease renewal is
+        refused.  A done, dead or unknown job: ``NOT_FOUND``.
+        """
+        _check_job_id(job_id)
+        job = await self._run(lambda txn: transitions.cancel(txn, job_id))
+        if job is None:
+            return CancelOutcome.NOT_FOUND
+        if job.status is JobStatus.CLAIMED:
+            self._cancel_signals.setdefault(job_id, asyncio.Event()).set()
+            return CancelOutcome.REQUESTED
+        self._completed.notify(job_id)
+        return CancelOutcome.REMOVED
+
+    async def wait_for_completion(self, job_id: str, timeout: float) -> WaitOutcome:
+        """Wait up to ``timeout`` seconds for a job to finish (done, dead, or removed).
+
+        Woken by notification from every terminal transition; any number of
+        waiters may wait on one id.  Returns ``NOT_FOUND`` when the id is
+        unknown at the call (an acked job whose record was not kept is
+        unknown), ``COMPLETED`` with the terminal record when one is kept
+        (or ``None`` when not), or ``TIMED_OUT``.
+        """
+        _check_job_id(job_id)
+        wait_ms = seconds_to_ms("timeout", timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        first = True
+        while True:
+            waiter = self._completed.register(job_id)
+            job = await self.get_job(job_id)
+            if job is None or job.status in (JobStatus.DONE, JobStatus.DEAD):
+                self._completed.discard(job_id, waiter)
+                if job is None and first:
+                    return WaitOutcome(WaitStatus.NOT_FOUND)
+                return WaitOutcome(WaitStatus.COMPLETED, job)
+            first = False
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                self._completed.discard(job_id, waiter)
+                return WaitOutcome(WaitStatus.TIMED_OUT)
+            await self._completed.wait(job_id, waiter, remaining)
+
+    # -- dead letters and listings ------------------------------------------
+
+    async def dead_jobs(self, queue: str, after: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """A page of ``queue``'s dead-letter set in id order.
+
+        ``after`` is an exclusive job-id cursor: the scan seeks to it.
+        """
+        keys.validate_queue_name(queue)
+        check_positive_int("limit", limit)
+        start = None if after is None else keys.dead_key(queue, _check_job_id(after))
+        jobs, _ = await self._read(lambda txn: transitions.list_space(txn, queue, JobStatus.DEAD, start, limit))
+        return jobs
+
+    async def requeue_dead_job(self, job_id: str) -> JobRecord:
+        """Move a dead job back to pending with a fresh attempt budget; returns the new record.
+
+        ``last_error``, ``failed_at`` and the cancel flag are cleared;
+        ``enqueued_at`` is kept.
+
+        Raises:
+            JobNotFound: the job is not dead (already requeued, swept by
+                retention, never dead, or unknown); nothing is written.
+        """
+        _check_job_id(job_id)
+        job = await self._run(lambda txn: transitions.requeue_dead(txn, job_id))
+        self._available.notify(job.queue)
+        return job
+
+    async def list_jobs(
+        self, queue: str, status: JobStatus | str, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of ``queue``'s jobs in ``status``, in that space's order.
+
+        Pending in claim order, scheduled by ``run_at``, claimed by lease
+        expiry, done by completion time, dead by id.  Returns the page and an
+        opaque cursor for the next page (``None`` at the end).
+        """
+        keys.validate_queue_name(queue)
+        check_positive_int("limit", limit)
+        try:
+            state = JobStatus(status)
+        except ValueError:
+            raise InvalidArgument(f"unknown job status {status!r}") from None
+        try:
+            after = None if cursor is None else bytes.fromhex(cursor)
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"malformed cursor {cursor!r}") from None
+        jobs, last = await self._read(lambda txn: transitions.list_space(txn, queue, state, after, limit))
+        return jobs, None if last is None else last.hex()

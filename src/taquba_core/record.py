@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -29,6 +30,8 @@ class JobRecord:
     numbers are claimed first.  ``attempts`` counts claims so far and never
     exceeds ``max_attempts``.  ``lease_expires_at`` is set while claimed; a
     renewal through :meth:`taquba_core.Queue.renew_lease` updates it in place.
+    On a claimed record, ``cancellation`` is an ``asyncio.Event`` that fires
+    when the job's cancellation is requested; a handler checks or awaits it.
     """
 
     id: str
@@ -48,9 +51,11 @@ class JobRecord:
     completed_at: int | None = None
     failed_at: int | None = None
     cancel_requested: bool = False
+    cancellation: asyncio.Event | None = field(default=None, compare=False, repr=False)
+    """Set when :meth:`taquba_core.Queue.cancel` asks this claim to stop; not stored."""
 
 
-_FIELDS = tuple(f.name for f in fields(JobRecord))
+_FIELDS = tuple(f.name for f in fields(JobRecord) if f.name != "cancellation")
 _REQUIRED = ("id", "queue", "payload", "status", "max_attempts", "enqueued_at", "priority")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from . import keys
 from .config import QueueConfig
-from .errors import ClaimLost, CorruptRecord, JobNotFound
+from .errors import CancelRequested, ClaimLost, CorruptRecord, JobNotFound
 from .kv import Transaction
 from .record import JobRecord, JobStatus, decode_record, encode_record
 
@@ -223,6 +223,8 @@ async def dead_letter(txn: Transaction, job: JobRecord, now: int, reason: str) -
 async def renew(txn: Transaction, job: JobRecord, now: int, lease_ms: int) -> JobRecord:
     """Move a claim to a lease ending at ``now + lease_ms``; returns the new record."""
     key, stored = await load_claim(txn, job)
+    if stored.cancel_requested:
+        raise CancelRequested(f"job {job.id}'s cancellation was requested; its lease is not renewed")
     new = replace(stored, lease_expires_at=now + lease_ms)
     if new.lease_expires_at != stored.lease_expires_at:
         await _move(txn, key, stored, new)
@@ -361,3 +363,97 @@ class QueueConfigs:
 
     def named(self) -> Iterable[str]:
         return self._per_queue.keys()
+
+
+# -- cancellation, dead letters, listings -------------------------------------
+
+
+async def release_dedup(txn: Transaction, job: JobRecord) -> None:
+    """Delete ``job``'s dedup entry when it still belongs to ``job``."""
+    if job.dedup_key is not None:
+        dkey = keys.dedup_key(job.queue, job.dedup_key)
+        if await txn.get(dkey) == job.id.encode():
+            await txn.delete(dkey)
+
+
+async def cancel(txn: Transaction, job_id: str) -> JobRecord | None:
+    """Cancel ``job_id``: remove it when pending or scheduled, flag it when claimed.
+
+    Returns the record as it was (pending/scheduled: removed) or as it is now
+    (claimed: ``cancel_requested`` set), or ``None`` when the job is done,
+    dead or unknown.
+    """
+    found = await find(txn, job_id)
+    if found is None:
+        return None
+    key, job = found
+    if job.status in (JobStatus.PENDING, JobStatus.SCHEDULED):
+        await release_dedup(txn, job)
+        await _drop(txn, key, job)
+        return job
+    if job.status is JobStatus.CLAIMED:
+        flagged = replace(job, cancel_requested=True)
+        await txn.put(key, encode_record(flagged))
+        return flagged
+    return None
+
+
+async def requeue_dead(txn: Transaction, job_id: str) -> JobRecord:
+    """Move a dead job back to pending with a fresh attempt budget.
+
+    ``last_error``, ``failed_at`` and the cancel flag are cleared;
+    ``enqueued_at`` is kept.
+
+    Raises:
+        JobNotFound: the job is not (or no longer) dead; nothing is written.
+    """
+    key, job = await require(txn, job_id)
+    if job.status is not JobStatus.DEAD:
+        raise JobNotFound(f"job {job_id!r} is not dead (status {job.status.value})")
+    fresh = replace(
+        job,
+        status=JobStatus.PENDING,
+        attempts=0,
+        last_error=None,
+        failed_at=None,
+        cancel_requested=False,
+        claimed_at=None,
+        lease_expires_at=None,
+        run_at=None,
+    )
+    await _move(txn, key, job, fresh)
+    return fresh
+
+
+def _space_prefix(queue: str, status: JobStatus) -> bytes:
+    """The prefix a listing of ``status`` scans: per queue, or the global time-first space."""
+    if status is JobStatus.PENDING:
+        return keys.pending_prefix(queue)
+    if status is JobStatus.DEAD:
+        return keys.dead_prefix(queue)
+    return keys.SPACES[status.value]
+
+
+async def list_space(
+    txn: Transaction, queue: str, status: JobStatus, after: bytes | None, limit: int
+) -> tuple[list[JobRecord], bytes | None]:
+    """Up to ``limit`` jobs of ``queue`` in ``status``, in that space's key order.
+
+    Returns the jobs and the key to resume after (``None`` at the end).
+    Time-first spaces are shared by all queues; other queues' keys are
+    skipped.
+    """
+    prefix = _space_prefix(queue, status)
+    per_queue = status in (JobStatus.PENDING, JobStatus.DEAD)
+    jobs: list[JobRecord] = []
+    while len(jobs) < limit:
+        rows = await txn.scan(prefix, start_after=after, limit=limit if per_queue else max(limit, 256))
+        for key, value in rows:
+            after = key
+            if per_queue or keys.parse_job_key(key).queue == queue:
+                jobs.append(decode_record(value, key))
+                if len(jobs) == limit:
+                    return jobs, key
+        if len(rows) < (limit if per_queue else max(limit, 256)):
+            return jobs, None
+    return jobs, after

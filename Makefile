@@ -28,3 +28,14 @@ test: install-test
 
 clean:
 	rm -rf $(VENV) .taquba .pytest_cache .hypothesis
+
+.PHONY: bench bench-check
+
+# Benchmarks (benchmarks/): tables on the terminal, an entry appended to
+# benchmarks/RESULTS.md, exit status 1 when a performance target is missed.
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	BENCH_COMMAND="make bench" $(BIN)/python -m benchmarks.run --profile full
+
+bench-check: install
+	BENCH_COMMAND="make bench-check" $(BIN)/python -m benchmarks.run --profile quick

@@ -33,6 +33,7 @@ from taquba_core import (
     TaqubaError,
     run_worker_concurrent,
 )
+from taquba_core.keys import validate_queue_name
 from taquba_core.worker import Handler
 
 from .demo import default_root, run_demo
@@ -59,6 +60,13 @@ async def opened(url: str, **options: Any) -> Any:
         yield queue
     finally:
         await queue.close()
+
+
+async def require_queue(q: Queue, name: str) -> None:
+    """Fail with one clear line unless ``name`` is a queue of the store (one in ``list_queues``)."""
+    validate_queue_name(name)
+    if name not in await q.list_queues():
+        raise click.ClickException(f"no queue named {name!r} in this store")
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -173,7 +181,10 @@ def _table(title: str, columns: list[str], rows: Iterator[list[Any]] | list[list
         table.add_column(column, min_width=26 if column == "id" else None)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=1000)  # piped: size the table to its content instead of cropping at 80
+    console.print(table)
 
 
 @main.command()
@@ -185,6 +196,8 @@ def stats(queue: str | None, as_json: bool, store: str) -> None:
 
     async def go() -> list[dict[str, Any]]:
         async with opened(store, background=False) as q:
+            if queue:
+                await require_queue(q, queue)
             names = [queue] if queue else await q.list_queues()
             return [asdict(await q.stats(name)) for name in names]
 
@@ -260,14 +273,17 @@ def _job_row(row: dict[str, Any]) -> list[str]:
     return ["" if cells[c] is None else str(cells[c])[:40] for c in JOB_COLUMNS]
 
 
-def _print_jobs(title: str, jobs: list[JobRecord], as_json: bool, cursor: str | None = None) -> None:
+def _print_jobs(
+    title: str, jobs: list[JobRecord], as_json: bool, cursor: str | None = None, cursor_option: str = "--cursor"
+) -> None:
+    """A table of ``jobs``, or with ``--json`` ``{"jobs": [...], "cursor": next page or null}``."""
     rows = [_job_dict(job) for job in jobs]
     if as_json:
-        click.echo(json.dumps({"jobs": rows, "cursor": cursor} if cursor is not None else rows, indent=2))
+        click.echo(json.dumps({"jobs": rows, "cursor": cursor}, indent=2))
         return
     _table(title, JOB_COLUMNS, [_job_row(r) for r in rows])
     if cursor is not None:
-        click.echo(f"more: --cursor {cursor}", err=True)
+        click.echo(f"more: {cursor_option} {cursor}", err=True)
 
 
 @main.command()
@@ -287,6 +303,7 @@ def jobs(queue: str, status: str, limit: int, cursor: str | None, as_json: bool,
 
     async def go() -> tuple[list[JobRecord], str | None]:
         async with opened(store, background=False) as q:
+            await require_queue(q, queue)
             return await q.list_jobs(queue, status.capitalize(), cursor, limit)
 
     page, next_cursor = run(go())
@@ -304,9 +321,12 @@ def dead(queue: str, after: str | None, limit: int, as_json: bool, store: str) -
 
     async def go() -> list[JobRecord]:
         async with opened(store, background=False) as q:
+            await require_queue(q, queue)
             return await q.dead_jobs(queue, after, limit)
 
-    _print_jobs(f"{queue}: dead", run(go()), as_json)
+    page = run(go())
+    next_after = page[-1].id if len(page) == limit else None
+    _print_jobs(f"{queue}: dead", page, as_json, next_after, "--after")
 
 
 def _one_job_command(action: Callable[[Queue, str], Awaitable[Any]]) -> Callable[[str, str], Any]:
@@ -331,7 +351,11 @@ def get(job_id: str, as_json: bool, store: str) -> None:
     job = _one_job_command(Queue.get_job)(job_id, store)
     if job is None:
         raise click.ClickException(f"no job with id {job_id!r}")
-    _print_jobs(job_id, [job], as_json)
+    fields = _job_dict(job)
+    if as_json:
+        click.echo(json.dumps(fields, indent=2))
+        return
+    _table(f"job {job_id}", ["field", "value"], [[k, "" if v is None else v] for k, v in fields.items()])
 
 
 @main.command()

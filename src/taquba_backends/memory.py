@@ -36,7 +36,7 @@ from enum import Enum
 from operator import itemgetter
 
 from taquba_core.errors import InvalidArgument, StoreClosed, StoreConflict, StoreError
-from taquba_core.kv import COUNTER, KVStore, Transaction, add_counter
+from taquba_core.kv import COUNTER, DURABLE, Durability, KVStore, Transaction, add_counter
 
 from ._keyrange import scan_bounds
 
@@ -146,6 +146,21 @@ class MemoryStore(KVStore):
     async def close(self) -> None:
         """Close the store; later ``begin`` calls and open transactions raise :class:`StoreClosed`."""
         self._closed = True
+
+    def reopen(self) -> MemoryStore:
+        """A new, open store holding this store's committed data (tests only).
+
+        What a durable store shows when it is opened again after ``close``:
+        every committed write, none of the open transactions, no fault plan.
+        This store is left as it is (closed or not).
+        """
+        fresh = MemoryStore()
+        for key in self._keys:
+            value = self._read(key, self._seq)
+            if value is not None:
+                fresh._keys.append(key)
+                fresh._versions[key] = [(0, value)]
+        return fresh
 
     def inject_faults(self, plan: FaultPlan | None = None, /, **counters: int) -> FaultPlan:
         """Replace the fault plan (tests only) and return it.
@@ -372,8 +387,10 @@ class MemoryTransaction(Transaction):
         self._check_usable()
         self._merges[key] = self._merges.get(key, 0) + check_delta(delta)
 
-    async def commit(self, *, durable: bool = True) -> None:
+    async def commit(self, *, durable: bool = True) -> Durability:
         """Apply the buffered writes atomically (``durable`` makes no difference here).
+
+        Returns :data:`~taquba_core.kv.DURABLE`: there is nothing to wait for.
 
         Yields to the event loop once first, as a real store's I/O would.
 
@@ -398,6 +415,7 @@ class MemoryTransaction(Transaction):
                 self._store._check_open()
         finally:
             self._store._release(self._start)
+        return DURABLE
 
     async def rollback(self) -> None:
         """Discard the buffered writes; a no-op when the transaction already ended."""

@@ -12,17 +12,28 @@ in a way that leaves its outcome unknown.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from . import keys
-from .kv import Transaction, decode_counter
+from .kv import Durability, Transaction, decode_counter
+
+
+_SCANNED = (keys.PENDING, keys.SCHEDULED, keys.CLAIMED)
 
 
 class RecordingTransaction(Transaction):
-    """Forwards to ``inner`` and records the counter deltas it merges."""
+    """Forwards to ``inner`` and records the counter deltas it merges and the keys it puts
+    in the ranges scanned from a cursor (pending, scheduled, claimed).
+
+    The queue applies the deltas to its :class:`CounterMirror` and reports the
+    keys to its scan cursors (:mod:`taquba_core.claim_cursor`).
+    """
 
     def __init__(self, inner: Transaction) -> None:
         self.inner = inner
         self.deltas: list[tuple[bytes, int]] = []
+        self.scan_keys: list[bytes] = []
 
     async def get(self, key: bytes) -> bytes | None:
         return await self.inner.get(key)
@@ -38,6 +49,8 @@ class RecordingTransaction(Transaction):
         return await self.inner.scan(prefix, start_after=start_after, end=end, limit=limit)
 
     async def put(self, key: bytes, value: bytes) -> None:
+        if key.startswith(_SCANNED):
+            self.scan_keys.append(key)
         await self.inner.put(key, value)
 
     async def delete(self, key: bytes) -> None:
@@ -47,18 +60,55 @@ class RecordingTransaction(Transaction):
         self.deltas.append((key, delta))
         await self.inner.merge_counter(key, delta)
 
-    async def commit(self, *, durable: bool = True) -> None:
-        await self.inner.commit(durable=durable)
+    async def commit(self, *, durable: bool = True) -> Durability:
+        return await self.inner.commit(durable=durable)
 
     async def rollback(self) -> None:
         await self.inner.rollback()
 
 
 class CounterMirror:
-    """Counter values by stats key; ``None`` until loaded."""
+    """Counter values by stats key; ``None`` until loaded.
+
+    After :meth:`invalidate` the values are re-read by :meth:`reload`.  A
+    commit in flight (visible in the store, its deltas not applied here yet)
+    would be counted twice if a re-read saw it and its deltas were added
+    afterwards, so :meth:`reload` keeps what it read only when no commit was
+    in flight from before the read until its end; otherwise the values read
+    answer that one call and the next call reads again.
+    """
 
     def __init__(self) -> None:
         self._values: defaultdict[bytes, int] | None = None
+        self._latest: defaultdict[bytes, int] = defaultdict(int)  # the last re-read, while unloaded
+        self._in_flight = 0  # commits started whose outcome is not reflected here yet
+        self._started = 0  # commits started, ever
+
+    def commit_started(self) -> None:
+        """A commit is about to run; pair with :meth:`commit_ended`."""
+        self._in_flight += 1
+        self._started += 1
+
+    def commit_ended(self, deltas: list[tuple[bytes, int]] | None) -> None:
+        """The commit ended: applied with ``deltas`` (``[]`` when it applied nothing),
+        or ``None`` when its outcome is unknown (the values are invalidated)."""
+        self._in_flight -= 1
+        if deltas is None:
+            self.invalidate()
+        else:
+            self.apply(deltas)
+
+    async def reload(self, read: Callable[[Callable[[Transaction], Awaitable[Any]]], Awaitable[Any]]) -> None:
+        """Re-read every counter through ``read`` (a snapshot reader) after an invalidation."""
+        quiet, mark = self._in_flight == 0, self._started
+        rows = await read(lambda txn: txn.scan(keys.STATS))
+        values = defaultdict(int, {k: decode_counter(v) for k, v in rows})
+        if quiet and self._started == mark and self._values is None:
+            self._values = values
+        self._latest = values
+
+    def _view(self) -> defaultdict[bytes, int]:
+        return self._values if self._values is not None else self._latest
 
     @property
     def loaded(self) -> bool:
@@ -81,9 +131,7 @@ class CounterMirror:
 
     def queues(self) -> list[str]:
         """Names of the queues that have counters, sorted."""
-        assert self._values is not None
-        return sorted({k[len(keys.STATS):].rsplit(b":", 1)[0].decode() for k in self._values})
+        return sorted({k[len(keys.STATS):].rsplit(b":", 1)[0].decode() for k in self._view()})
 
     def get(self, key: bytes) -> int:
-        assert self._values is not None
-        return self._values.get(key, 0)
+        return self._view().get(key, 0)

@@ -12,7 +12,11 @@ snapshot isolation.  Semantics every adapter must keep:
 * ``merge_counter`` adds a signed 64-bit delta to a little-endian counter;
   merges commute and take no part in conflict detection;
 * ``commit(durable=True)`` returns once the write is durable;
-  ``durable=False`` may return before (for background sweeps).
+  ``durable=False`` may return before (for background sweeps, and for
+  claims, which wait for durability after releasing their queue's lock).
+  Either returns a :class:`Durability`: ``await d.wait()`` returns once the
+  commit is durable.  Commits become durable in commit order (SlateDB's WAL
+  is ordered), so waiting for one commit implies every earlier one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,24 @@ def decode_counter(value: bytes | None) -> int:
 def add_counter(existing: bytes | None, operand: bytes) -> bytes:
     """The counter merge: existing + operand, both signed 64-bit little-endian."""
     return COUNTER.pack(decode_counter(existing) + COUNTER.unpack(operand)[0])
+
+
+class Durability:
+    """What :meth:`Transaction.commit` returns: a way to wait until the commit is durable.
+
+    This base class is the handle of a commit that is durable already (or of
+    a store without durability, such as the in-memory one): ``wait`` returns
+    at once.  Adapters subclass it for commits still on their way.
+    """
+
+    __slots__ = ()
+
+    async def wait(self) -> None:
+        """Return once the commit is durable."""
+
+
+DURABLE = Durability()
+"""The handle of a commit that is already durable."""
 
 
 class Transaction(ABC):
@@ -68,8 +90,12 @@ class Transaction(ABC):
         """Add ``delta`` (signed 64-bit) to the counter under ``key``; no conflict."""
 
     @abstractmethod
-    async def commit(self, *, durable: bool = True) -> None:
-        """Apply the writes atomically.
+    async def commit(self, *, durable: bool = True) -> Durability:
+        """Apply the writes atomically; with ``durable``, return once they are durable.
+
+        Returns a :class:`Durability` (:data:`DURABLE` when ``durable``): the
+        writes are visible to later transactions when ``commit`` returns,
+        durable once ``wait()`` returned.
 
         Raises:
             StoreConflict: a concurrent commit wrote a key this one wrote.

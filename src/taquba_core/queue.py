@@ -14,7 +14,9 @@ from enum import Enum
 from typing import TypeVar
 
 from . import keys, transitions
+from .claim_cursor import ScanCursors
 from .clock import Clock, SystemClock
+from .combine import Combiner
 from .counters import CounterMirror, RecordingTransaction
 from .config import QueueConfig, check_positive_int, seconds_to_ms
 from .errors import (
@@ -26,7 +28,7 @@ from .errors import (
 )
 from .ids import new_job_id
 from .kvapi import check_kv_key, check_kv_writes
-from .kv import KVStore, Transaction
+from .kv import Durability, KVStore, Transaction
 from .notify import Notifier
 from .record import JobRecord, JobStatus
 
@@ -187,6 +189,10 @@ class Queue:
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._wakes: dict[str, int] = {}  # per queue: how many times wake() was called
         self._claim_locks: dict[str, asyncio.Lock] = {}
+        self._cursors = ScanCursors()
+        self._sweep_locks: dict[bytes, asyncio.Lock] = {}
+        # Enqueues and acks of concurrent callers share transactions (see combine.py).
+        self._combiner = Combiner(lambda step: self._transact(step, durable=False), self._wait_durable)
         self._tasks: list[asyncio.Task[None]] = []
         self._dead_cursors: dict[str, bytes | None] = {}
         self._counters = CounterMirror()
@@ -286,6 +292,13 @@ class Queue:
 
     async def _run(self, step: Callable[[Transaction], Awaitable[T]], *, durable: bool = True) -> T:
         """Run ``step`` in a transaction, retrying on conflict; commit it."""
+        result, _ = await self._transact(step, durable=durable)
+        return result
+
+    async def _transact(
+        self, step: Callable[[Transaction], Awaitable[T]], *, durable: bool
+    ) -> tuple[T, Durability]:
+        """:meth:`_run`, also returning the commit's :class:`Durability` (for ``durable=False``)."""
         if self._closed:
             raise StoreClosed("the queue is closed")
         for attempt in range(MAX_CONFLICT_RETRIES):
@@ -295,17 +308,31 @@ class Queue:
             except BaseException:
                 await txn.rollback()
                 raise
+            self._counters.commit_started()
             try:
-                await txn.commit(durable=durable)
+                durability = await txn.commit(durable=durable)
             except StoreConflict:
+                self._counters.commit_ended([])
                 await asyncio.sleep(random.uniform(0, 0.001 * min(2**attempt, 64)))
                 continue
             except BaseException:
-                self._counters.invalidate()
+                self._counters.commit_ended(None)  # the outcome is unknown: re-read the counters
+                if txn.scan_keys:
+                    self._cursors.written(txn.scan_keys)  # the commit may have applied
                 raise
-            self._counters.apply(txn.deltas)
-            return result
+            self._counters.commit_ended(txn.deltas)
+            if txn.scan_keys:
+                self._cursors.written(txn.scan_keys)
+            return result, durability
         raise Contention(f"gave up after {MAX_CONFLICT_RETRIES} write conflicts; retry later")
+
+    async def _wait_durable(self, durability: Durability) -> None:
+        """Wait until a commit made with ``durable=False`` is durable."""
+        try:
+            await durability.wait()
+        except BaseException:
+            self._counters.invalidate()
+            raise
 
     async def _read(self, step: Callable[[Transaction], Awaitable[T]]) -> T:
         """Run a read-only ``step`` on a snapshot."""
@@ -319,7 +346,7 @@ class Queue:
 
     async def _ensure_counters(self) -> None:
         if not self._counters.loaded:
-            await self._read(self._counters.load)
+            await self._counters.reload(self._read)
 
     def _now(self) -> int:
         return self.clock.now_ms()
@@ -409,7 +436,7 @@ class Queue:
             dedup_key=dedup_key,
         )
         writes = check_kv_writes(kv_writes)
-        inserted = await self._run(lambda txn: transitions.insert(txn, job, writes))
+        inserted = await self._combiner.run(lambda txn: transitions.insert(txn, job, writes))
         if inserted.created and job.status is JobStatus.PENDING:
             self._available.notify(queue)
         return EnqueueResult(inserted.id, inserted.created)
@@ -442,7 +469,7 @@ class Queue:
             await transitions.apply_kv_writes(txn, writes)
             return [job.id for job in jobs]
 
-        ids = await self._run(step)
+        ids = await self._combiner.run(step)
         if jobs and jobs[0].status is JobStatus.PENDING:
             self._available.notify(queue)
         return ids
@@ -470,8 +497,23 @@ class Queue:
         check_positive_int("n", n)
         lease_ms = self.lease_ms(queue, lease)
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
+        prefix = keys.pending_prefix(queue)
         async with lock:
-            jobs = await self._run(lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms))
+            # Under the lock only the commit; the wait for durability runs
+            # outside it, so the next claim need not wait for this WAL flush
+            # (a later durable commit implies this one).
+            after = self._cursors.begin(prefix)
+            last = None
+            try:
+                jobs, durability = await self._transact(
+                    lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after),
+                    durable=False,
+                )
+                if jobs:
+                    last = keys.pending_key(queue, jobs[-1].priority, jobs[-1].id)
+            finally:
+                self._cursors.end(prefix, last)
+        await self._wait_durable(durability)
         for job in jobs:
             # setdefault: a cancel() that ran between the commit and here has
             # already created (and set) the signal.
@@ -539,7 +581,7 @@ class Queue:
         """
         writes = check_kv_writes(kv_writes)
         config = self.configs.get(job.queue)
-        await self._run(lambda txn: transitions.ack(txn, job, self._now(), config, writes))
+        await self._combiner.run(lambda txn: transitions.ack(txn, job, self._now(), config, writes))
         self._claim_ended(job.id, terminal=True)
 
     async def nack(self, job: JobRecord, error: str) -> JobRecord:
@@ -587,18 +629,30 @@ class Queue:
 
     # -- background sweeps --------------------------------------------------
 
-    async def _sweep(self, step: Callable[[Transaction], Awaitable[list[JobRecord]]]) -> list[JobRecord]:
+    async def _sweep(
+        self,
+        space: bytes,
+        step: Callable[[Transaction, bytes | None], Awaitable[tuple[list[JobRecord], bytes | None]]],
+    ) -> list[JobRecord]:
         """Run a sweep step batch after batch, without waiting for durability.
 
         A sweep lost in a crash is redone by the next tick, so it never
-        costs a WAL flush per job.
+        costs a WAL flush per job.  Sweeps of one space take turns, and each
+        batch starts at the space's scan cursor (see claim_cursor.py), past
+        the keys earlier batches and ticks deleted.
         """
         moved: list[JobRecord] = []
-        while True:
-            batch = await self._run(step, durable=False)
-            moved.extend(batch)
-            if len(batch) < SWEEP_BATCH:
-                return moved
+        async with self._sweep_locks.setdefault(space, asyncio.Lock()):
+            while True:
+                after = self._cursors.begin(space)
+                last = None
+                try:
+                    batch, last = await self._run(lambda txn: step(txn, after), durable=False)
+                finally:
+                    self._cursors.end(space, last)
+                moved.extend(batch)
+                if len(batch) < SWEEP_BATCH:
+                    return moved
 
     def _wake_pending(self, jobs: list[JobRecord]) -> int:
         """Notify claimers of every queue that got a pending job; returns ``len(jobs)``."""
@@ -614,7 +668,9 @@ class Queue:
 
     async def promote_now(self) -> int:
         """Move every due scheduled job to pending; returns how many moved."""
-        moved = await self._sweep(lambda txn: transitions.promote_due(txn, self._now(), SWEEP_BATCH))
+        moved = await self._sweep(
+            keys.SCHEDULED, lambda txn, after: transitions.promote_due(txn, self._now(), SWEEP_BATCH, after)
+        )
         return self._wake_pending(moved)
 
     async def reap_now(self) -> int:
@@ -632,7 +688,10 @@ class Queue:
 
     async def _expire(self, until: int | None, reason: str) -> int:
         moved = await self._sweep(
-            lambda txn: transitions.expire_claims(txn, until, self._now(), SWEEP_BATCH, self.configs, reason)
+            keys.CLAIMED,
+            lambda txn, after: transitions.expire_claims(
+                txn, until, self._now(), SWEEP_BATCH, self.configs, reason, after
+            ),
         )
         for job in moved:
             self._claim_ended(job.id, terminal=job.status is JobStatus.DEAD)
@@ -641,11 +700,19 @@ class Queue:
     async def _sweep_retention(self) -> None:
         now = self._now()
         keeps = [c.keep_done_jobs for c in self._all_configs() if c.keep_done_jobs is not None]
-        if keeps:
-            until = now - int(min(keeps) * 1000)
-            await self._sweep(
-                lambda txn: transitions.sweep_done(txn, until, now, SWEEP_BATCH, self.configs)
+        until = now - int(min(keeps) * 1000) if keeps else -1
+        after: bytes | None = None
+        while until >= 0:
+            # Page by the scan position, not by what a page removed: rows a
+            # longer-keeping queue still keeps must not stall the sweep.
+            _, after = await self._run(
+                lambda txn, start=after: transitions.sweep_done(  # type: ignore[misc]
+                    txn, until, now, SWEEP_BATCH, self.configs, start
+                ),
+                durable=False,
             )
+            if after is None:
+                break
         for queue in await self.list_queues():
             retention = self.configs.get(queue).dead_retention
             if retention is not None:

@@ -50,6 +50,8 @@ class JobRecord:
     dedup_key: str | None = None
     completed_at: int | None = None
     failed_at: int | None = None
+    claim_id: str | None = None
+    """Unique id of the job's latest claim (set by each claim); settlements of another claim are refused."""
     cancel_requested: bool = False
     cancellation: asyncio.Event | None = field(default=None, compare=False, repr=False)
     """Set when :meth:`taquba_core.Queue.cancel` asks this claim to stop; not stored."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from . import keys
 from .config import QueueConfig
 from .errors import CancelRequested, ClaimLost, CorruptRecord, JobNotFound
+from .ids import new_job_id
 from .kv import Transaction
 from .record import JobRecord, JobStatus, decode_record, encode_record
 
@@ -118,16 +119,21 @@ async def insert(txn: Transaction, job: JobRecord, kv_writes: KvWrites | None = 
 
 
 async def claim_batch(
-    txn: Transaction, queue: str, limit: int, now: int, lease_ms: int
+    txn: Transaction, queue: str, limit: int, now: int, lease_ms: int, start_after: bytes | None = None
 ) -> list[JobRecord]:
     """Move up to ``limit`` jobs from the head of ``pending:{queue}:`` to claimed.
+
+    ``start_after`` is the queue's claim cursor (see
+    :mod:`taquba_core.claim_cursor`): no pending key of the queue at or
+    below it is live, so the scan starts there instead of walking the
+    deleted keys in front of the head.
 
     Each claim consumes an attempt and releases the job's dedup key (the
     record keeps no dedup key afterwards, so a later retry cannot delete a
     dedup entry that by then belongs to another job — the bug fixed upstream
     in the 0.5.0 claim path).
     """
-    rows = await txn.scan(keys.pending_prefix(queue), limit=limit)
+    rows = await txn.scan(keys.pending_prefix(queue), start_after=start_after, limit=limit)
     claimed = []
     for key, value in rows:
         job = decode_record(value, key)
@@ -140,6 +146,7 @@ async def claim_batch(
             claimed_at=now,
             lease_expires_at=now + lease_ms,
             dedup_key=None,
+            claim_id=new_job_id(now),  # (lease, attempts) can repeat after a requeue resets attempts
         )
         await _move(txn, key, job, new)
         claimed.append(new)
@@ -149,19 +156,31 @@ async def claim_batch(
 async def load_claim(txn: Transaction, job: JobRecord) -> tuple[bytes, JobRecord]:
     """The stored record of ``job``'s claim.
 
+    The claim is looked up under the lease ``job`` names; when that key is
+    gone, through the job index, so that a copy whose lease is out of date
+    (a renewal that landed although its caller saw an error) still finds its
+    claim.  Either way the stored claim must carry ``job``'s claim id.
+
     Raises:
-        ClaimLost: the job is not claimed, or its claim (same lease, same
+        ClaimLost: the job is not claimed, or its claim (same claim id, same
             attempt) is no longer stored: reaped, settled, or a stale copy.
     """
     if job.status is not JobStatus.CLAIMED or job.lease_expires_at is None:
         raise ClaimLost(f"job {job.id} is not a claimed job (status {job.status.value})")
     key = keys.claimed_key(job.lease_expires_at, job.queue, job.id)
     value = await txn.get(key)
+    if value is None and job.claim_id is not None:
+        current = await txn.get(keys.jobindex_key(job.id))
+        if current is not None and current.startswith(keys.CLAIMED):
+            key, value = current, await txn.get(current)
     if value is None:
         raise ClaimLost(f"the claim of job {job.id} no longer exists (lease reaped or already settled)")
     stored = decode_record(value, key)
-    if stored.attempts != job.attempts:
-        raise ClaimLost(f"job {job.id} was claimed again (attempt {stored.attempts}, this claim {job.attempts})")
+    if stored.attempts != job.attempts or stored.claim_id != job.claim_id:
+        raise ClaimLost(
+            f"job {job.id} was claimed again (stored claim {stored.claim_id} at attempt {stored.attempts}, "
+            f"this claim {job.claim_id} at attempt {job.attempts})"
+        )
     return key, stored
 
 
@@ -234,19 +253,26 @@ async def renew(txn: Transaction, job: JobRecord, now: int, lease_ms: int) -> Jo
 # -- background sweeps -------------------------------------------------------
 
 
-async def promote_due(txn: Transaction, now: int, limit: int) -> list[JobRecord]:
+async def promote_due(
+    txn: Transaction, now: int, limit: int, start_after: bytes | None = None
+) -> tuple[list[JobRecord], bytes | None]:
     """Move up to ``limit`` scheduled jobs whose ``run_at <= now`` to pending.
 
-    The scan is bounded above by ``now``, so it stops at the first future key.
+    The scan is bounded above by ``now``, so it stops at the first future
+    key; it starts after ``start_after``, the promotion cursor (see
+    :mod:`taquba_core.claim_cursor`).  Returns the promoted records and the
+    last key moved (``None`` when none was).
     """
-    rows = await txn.scan(keys.SCHEDULED, end=keys.time_bound(keys.SCHEDULED, now), limit=limit)
+    rows = await txn.scan(
+        keys.SCHEDULED, start_after=start_after, end=keys.time_bound(keys.SCHEDULED, now), limit=limit
+    )
     promoted = []
     for key, value in rows:
         job = decode_record(value, key)
         new = replace(job, status=JobStatus.PENDING, run_at=None)
         await _move(txn, key, job, new)
         promoted.append(new)
-    return promoted
+    return promoted, (rows[-1][0] if rows else None)
 
 
 async def expire_claims(
@@ -256,16 +282,18 @@ async def expire_claims(
     limit: int,
     configs: "QueueConfigs",
     reason: str,
-) -> list[JobRecord]:
+    start_after: bytes | None = None,
+) -> tuple[list[JobRecord], bytes | None]:
     """Re-queue (or dead-letter when out of attempts) claims whose lease ends at or before ``until``.
 
     ``until=None`` takes every claim: used at open, when no claim can belong
     to a running process.  A re-queued job goes straight back to pending; the
     attempt it consumed still counts, so ``max_attempts`` bounds a job that
-    keeps crashing its worker.
+    keeps crashing its worker.  The scan starts after ``start_after``, the
+    reaping cursor.  Returns the moved records and the last key moved.
     """
     end = None if until is None else keys.time_bound(keys.CLAIMED, until)
-    rows = await txn.scan(keys.CLAIMED, end=end, limit=limit)
+    rows = await txn.scan(keys.CLAIMED, start_after=start_after, end=end, limit=limit)
     moved = []
     for key, value in rows:
         job = decode_record(value, key)
@@ -275,18 +303,29 @@ async def expire_claims(
             new = replace(job, status=JobStatus.PENDING, last_error=reason, lease_expires_at=None, claimed_at=None)
         await _move(txn, key, job, new)
         moved.append(new)
-    return moved
+    return moved, (rows[-1][0] if rows else None)
 
 
 async def sweep_done(
-    txn: Transaction, until: int, now: int, limit: int, configs: "QueueConfigs"
-) -> list[JobRecord]:
-    """Remove ``done`` records older than their queue's retention; returns them.
+    txn: Transaction,
+    until: int,
+    now: int,
+    limit: int,
+    configs: "QueueConfigs",
+    start_after: bytes | None = None,
+) -> tuple[list[JobRecord], bytes | None]:
+    """Remove ``done`` records older than their queue's retention, one page of up to ``limit`` rows.
 
     Keys are time-first, so the scan stops at ``until`` (the oldest possible
-    cut-off); each record is checked against its own queue's retention.
+    cut-off, from the shortest retention); each record is checked against
+    its own queue's retention, so records a longer-keeping queue still
+    keeps are stepped over.  Returns the removed records and the key to
+    continue after (``None`` once the range up to ``until`` was scanned):
+    a page that removed little must not end the sweep.
     """
-    rows = await txn.scan(keys.DONE, end=keys.time_bound(keys.DONE, until), limit=limit)
+    rows = await txn.scan(
+        keys.DONE, start_after=start_after, end=keys.time_bound(keys.DONE, until), limit=limit
+    )
     removed = []
     for key, value in rows:
         job = decode_record(value, key)
@@ -295,7 +334,7 @@ async def sweep_done(
             await _drop(txn, key, job)
             await _count(txn, job.queue, JobStatus.DONE, 1)  # the ack stays counted
             removed.append(job)
-    return removed
+    return removed, (rows[-1][0] if len(rows) == limit else None)
 
 
 async def sweep_dead(

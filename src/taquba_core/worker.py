@@ -69,14 +69,24 @@ async def _call(handler: Handler, job: JobRecord) -> object:
     return result
 
 
-async def _keep_lease(queue: Queue, job: JobRecord, lease: float | None) -> None:
-    """Renew ``job``'s lease at a third of its length while the handler runs."""
+async def _keep_lease(queue: Queue, job: JobRecord, lease: float | None, wait_first: bool = True) -> None:
+    """Renew ``job``'s lease at a third of its length while the handler runs.
+
+    A requested cancellation stops renewal quietly: the handler was told
+    through ``job.cancellation`` and decides how to stop.  With
+    ``wait_first`` false the first renewal happens at once.
+    """
     lease_ms = queue.lease_ms(job.queue, lease)
     while True:
-        await asyncio.sleep(lease_ms / 3000)
+        if wait_first:
+            await asyncio.sleep(lease_ms / 3000)
+        wait_first = True
         try:
             await queue.renew_lease(job, lease)
-        except (ClaimLost, CancelRequested) as exc:
+        except CancelRequested:
+            log.info("job %s: cancellation requested; its lease is no longer renewed", job.id)
+            return
+        except ClaimLost as exc:
             log.warning("job %s: lease no longer renewed: %s", job.id, exc)
             return
         except TaqubaError as exc:
@@ -86,14 +96,30 @@ async def _keep_lease(queue: Queue, job: JobRecord, lease: float | None) -> None
 
 
 async def process_one(
-    queue: Queue, job: JobRecord, handler: Handler, stats: WorkerStats, lease: float | None = None
+    queue: Queue,
+    job: JobRecord,
+    handler: Handler,
+    stats: WorkerStats,
+    lease: float | None = None,
+    on_handled: Callable[[], None] | None = None,
 ) -> None:
     """Run ``handler`` on one claimed job and settle it by the outcome.
 
     A settlement whose claim is gone (:class:`ClaimLost`) is logged and
-    counted; :class:`StoreFenced` propagates.
+    counted; :class:`StoreFenced` propagates.  ``on_handled`` is called once
+    the handler has finished, before the settlement is committed.
+
+    The lease is renewed at a third of its length while the handler runs; the
+    renewal task is only started when the handler is still running by then.
     """
-    keeper = asyncio.create_task(_keep_lease(queue, job, lease))
+    loop = asyncio.get_running_loop()
+    keeper: asyncio.Task[None] | None = None
+
+    def start_keeper() -> None:
+        nonlocal keeper
+        keeper = loop.create_task(_keep_lease(queue, job, lease, wait_first=False))
+
+    timer = loop.call_later(queue.lease_ms(job.queue, lease) / 3000, start_keeper)
     try:
         outcome: tuple[str, object] = ("ack", await _call(handler, job))
     except PermanentFailure as exc:
@@ -101,8 +127,12 @@ async def process_one(
     except Exception as exc:  # noqa: BLE001 - any handler failure is a retry
         outcome = ("nack", f"{type(exc).__name__}: {exc}")
     finally:
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        timer.cancel()
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        if on_handled is not None:
+            on_handled()
     kind, value = outcome
     try:
         if kind == "ack":
@@ -163,8 +193,10 @@ async def run_worker_concurrent(
     """Process jobs of queue ``name`` with up to ``concurrency`` handlers at once.
 
     Claims come in batches sized to the free capacity (one transaction per
-    batch).  Returns when ``shutdown`` is set (after in-flight jobs settle) or
-    the queue is closed.
+    batch).  A handler's slot is free again as soon as the handler returns:
+    the next claim does not wait for the settlement to become durable, so the
+    two share a WAL flush.  Returns when ``shutdown`` is set (after in-flight
+    jobs settle) or the queue is closed.
 
     Raises:
         StoreFenced: see :func:`run_worker`.
@@ -176,17 +208,27 @@ async def run_worker_concurrent(
     seconds_to_ms("poll_interval", poll_interval, allow_zero=False)
     stop = shutdown or asyncio.Event()
     stats = WorkerStats()
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: set[asyncio.Task[None]] = set()  # handling or settling
+    handling = 0  # jobs whose handler has not returned yet
+    freed = asyncio.Event()
+
+    def handled() -> None:
+        nonlocal handling
+        handling -= 1
+        freed.set()
+
     waker = asyncio.create_task(_wake_on(stop, queue, name))
     fenced: StoreFenced | None = None
     try:
         while not stop.is_set() and not queue.closed and fenced is None:
-            if len(in_flight) >= concurrency:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            if handling >= concurrency:
+                freed.clear()
+                await freed.wait()
             else:
-                jobs = await queue.claim_batch_with_wait(name, concurrency - len(in_flight), lease, poll_interval)
+                jobs = await queue.claim_batch_with_wait(name, concurrency - handling, lease, poll_interval)
                 for job in jobs:
-                    task = asyncio.create_task(process_one(queue, job, handler, stats, lease))
+                    handling += 1
+                    task = asyncio.create_task(process_one(queue, job, handler, stats, lease, handled))
                     in_flight.add(task)
             fenced = _reap_tasks(in_flight) or fenced
     except StoreFenced as exc:

@@ -29,6 +29,14 @@ test: install-test
 clean:
 	rm -rf $(VENV) .taquba .pytest_cache .hypothesis
 
+.PHONY: soak
+
+# The stateful model test's long profile (tests/test_model.py): examples of up
+# to 100 steps until TAQUBA_SOAK_STEPS (default 10000) steps ran per store;
+# prints the step count, the violations and what each operation did.
+soak: install-test
+	TAQUBA_MODEL_PROFILE=soak $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_model.py -k "test_state_machine and not s3"
+
 .PHONY: bench bench-check
 
 # Benchmarks (benchmarks/): tables on the terminal, an entry appended to

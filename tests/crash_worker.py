@@ -16,7 +16,8 @@ a concurrent worker processes them.  After each enqueue call *returns*, the
 producer prints ``enq <id> [<id> ...]`` (flushed), so whoever kills this
 process knows which enqueues returned.  The handler fails the first attempt
 of payloads starting with ``fail-`` (a retry at once) and acks every other
-delivery with the KV write ``done/<job id> = <attempts>``, in the same commit.
+delivery with the KV write ``done/<job id> = b"<attempts> <payload>"``, in the
+same commit.
 """
 
 from __future__ import annotations
@@ -67,18 +68,20 @@ PRODUCERS = 4
 
 
 async def mixed_handler(job):
-    """Fail the first attempt of ``fail-`` payloads; ack the rest with ``done/<id> = <attempts>``."""
+    """Fail the first attempt of ``fail-`` payloads; ack the rest with ``done/<id> = "<attempts> <payload>"``."""
     await asyncio.sleep(0)
     if job.payload.startswith(b"fail-") and job.attempts == 1:
         raise RuntimeError("the first attempt of this job fails on purpose")
-    return AckWith(kv_writes={b"done/" + job.id.encode(): b"%d" % job.attempts})
+    return AckWith(kv_writes={b"done/" + job.id.encode(): b"%d %s" % (job.attempts, job.payload)})
 
 
-async def drain(queue: Queue, handler=mixed_handler, concurrency: int = 16) -> None:
-    """Work ``QUEUE`` until no job is pending, scheduled or claimed."""
+async def drain(queue: Queue, handler=mixed_handler, concurrency: int = 16, until=None) -> None:
+    """Work ``QUEUE`` until ``until`` (an awaitable) is done and no job is pending, scheduled or claimed."""
     shutdown = asyncio.Event()
 
     async def watch() -> None:
+        if until is not None:
+            await until
         while True:
             s = await queue.stats(QUEUE)
             if s.pending + s.scheduled + s.claimed == 0:
@@ -119,18 +122,10 @@ async def mixed(url: str, seed: int, total: int) -> None:
                     ids = await queue.enqueue_batch(QUEUE, [payload + b"-%d" % j for j in range(3)])
                 print("enq " + " ".join(ids), flush=True)
 
-        producers = [asyncio.create_task(produce(n)) for n in range(PRODUCERS)]
-        worker = asyncio.create_task(drain_forever(queue))
-        await asyncio.gather(*producers)
-        print("produced", flush=True)
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
-        await drain(queue)
+        producers = asyncio.gather(*(produce(n) for n in range(PRODUCERS)))
+        await drain(queue, until=producers)
+        await producers
         print("finished", flush=True)
-
-
-async def drain_forever(queue: Queue) -> None:
-    await run_worker_concurrent(queue, QUEUE, mixed_handler, concurrency=16, poll_interval=0.05)
 
 
 if __name__ == "__main__":

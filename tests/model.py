@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import slatedb.uniffi as sdb
@@ -48,7 +48,7 @@ from taquba_core import (
 from taquba_core.kv import decode_counter
 from taquba_core.record import decode_record
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 START_MS = 1_700_000_000_000
 
 # Three queues: two configured, one on the defaults.
@@ -83,7 +83,7 @@ def config_of(queue: str) -> QueueConfig:
 
 
 def to_ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 # -- the model -----------------------------------------------------------------
@@ -305,14 +305,14 @@ class Model:
     def sweep_retention(self, now: int) -> None:
         for job in list(self.jobs.values()):
             cfg = config_of(job.queue)
-            if job.status is JobStatus.DONE and cfg.keep_done_jobs is not None:
-                if job.completed_at + to_ms(cfg.keep_done_jobs) <= now:
-                    del self.jobs[job.id]
-                    self.gone[job.id] = "done retention"
-            elif job.status is JobStatus.DEAD and cfg.dead_retention is not None:
-                if job.failed_at + to_ms(cfg.dead_retention) <= now:
-                    del self.jobs[job.id]
-                    self.gone[job.id] = "dead retention"
+            keep = cfg.keep_done_jobs if job.status is JobStatus.DONE else None
+            retention = cfg.dead_retention if job.status is JobStatus.DEAD else None
+            if keep is not None and job.completed_at + to_ms(keep) <= now:
+                del self.jobs[job.id]
+                self.gone[job.id] = "done retention"
+            elif retention is not None and job.failed_at + to_ms(retention) <= now:
+                del self.jobs[job.id]
+                self.gone[job.id] = "dead retention"
 
     def stats(self, queue: str) -> tuple[int, int, int, int, int]:
         count = Counter(j.status for j in self.jobs.values() if j.queue == queue)
@@ -328,7 +328,6 @@ class Model:
 # -- the raw-store check -------------------------------------------------------
 
 STATUS_OF_SPACE = {space: JobStatus(status) for status, space in keys.SPACES.items()}
-KNOWN_PREFIXES = (*keys.SPACES.values(), keys.JOBINDEX, keys.DEDUP, keys.STATS, keys.USER)
 
 
 def key_of(job: JobRecord) -> bytes:
@@ -369,6 +368,7 @@ def check_dump(dump: dict[bytes, bytes], model: Model | None = None) -> dict[str
     counters: dict[tuple[str, str], int] = {}
     key_counts: Counter[tuple[str, str]] = Counter()
     user: dict[bytes, bytes] = {}
+    quarantined: list[bytes] = []
     for key, value in dump.items():
         space = key[: key.index(b":") + 1] if b":" in key else key
         status = STATUS_OF_SPACE.get(space)
@@ -390,6 +390,8 @@ def check_dump(dump: dict[bytes, bytes], model: Model | None = None) -> dict[str
             counters[(queue, metric)] = decode_counter(value)
         elif space == keys.USER:
             user[key[len(keys.USER):]] = value
+        elif space == keys.QUARANTINE:
+            quarantined.append(key)  # undecodable bytes moved aside: outside every job space
         else:
             raise AssertionError(f"unexpected key {key!r} in the store")
     # 1. index <-> records
@@ -415,6 +417,7 @@ def check_dump(dump: dict[bytes, bytes], model: Model | None = None) -> dict[str
     assert dedups == expected_dedup, f"dedup index {dedups} != {expected_dedup}"
     # 5. and the rest, against the model
     if model is not None:
+        assert not quarantined, f"nothing was corrupted, yet {quarantined} were quarantined"
         live, gone = set(model.jobs), set(model.gone)
         assert not live & gone and live | gone == set(model.created), "model lost track of a job"
         missing = live - set(records)

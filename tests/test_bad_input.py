@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from queue_helpers import dump_store
+
 from taquba_backends import open_store
 from taquba_core import (
+    MAX_KV_VALUE_SIZE,
+    CancelOutcome,
     ClaimLost,
     InvalidArgument,
     InvalidQueueName,
     InvalidStoreUrl,
+    JobNotFound,
     KvValueTooLarge,
-    MAX_KV_VALUE_SIZE,
     Queue,
     QueueConfig,
     TaqubaError,
+    WaitStatus,
+    keys,
 )
 
 
@@ -125,7 +129,7 @@ async def test_bad_delays(busy_queue: Queue, delay) -> None:
 
 async def test_delay_and_run_at_together(busy_queue: Queue) -> None:
     q = busy_queue
-    at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    at = datetime(2030, 1, 1, tzinfo=UTC)
     await assert_rejected(q, lambda: q.enqueue_with("q", b"x", delay=1, run_at=at), InvalidArgument, "delay=1")
 
 
@@ -236,3 +240,241 @@ async def test_settling_a_never_claimed_record(busy_queue: Queue) -> None:
 )
 async def test_bad_call_arguments(busy_queue: Queue, call, names) -> None:
     await assert_rejected(busy_queue, lambda: call(busy_queue), InvalidArgument, names)
+
+
+# -- settling twice, stale claims, requeue, unknown ids -----------------------------
+
+
+SETTLE = {
+    "ack": lambda q, job: q.ack(job),
+    "nack": lambda q, job: q.nack(job, "again"),
+    "dead_letter": lambda q, job: q.dead_letter(job, "again"),
+    "renew_lease": lambda q, job: q.renew_lease(job, 5),
+}
+
+
+@pytest.mark.parametrize("first", ["ack", "nack", "dead_letter"])
+@pytest.mark.parametrize("second", sorted(SETTLE))
+async def test_settling_twice(busy_queue: Queue, first: str, second: str) -> None:
+    q = busy_queue
+    await q.enqueue_with("q", b"twice", priority=0)
+    job = await q.claim("q")
+    await SETTLE[first](q, job)
+    err = await assert_rejected(q, lambda: SETTLE[second](q, job), ClaimLost, job.id)
+    assert "no longer exists" in str(err) or "claimed again" in str(err)
+
+
+@pytest.mark.parametrize("second", sorted(SETTLE))
+async def test_settling_a_claim_that_was_reaped_and_claimed_again(busy_queue: Queue, second: str) -> None:
+    q = busy_queue
+    await q.enqueue_with("q", b"stale", priority=0)
+    stale = await q.claim("q", lease=1)
+    q.clock.advance(1000)
+    await q.reap_now()
+    fresh = await q.claim("q")
+    assert fresh.id == stale.id
+    await assert_rejected(q, lambda: SETTLE[second](q, stale), ClaimLost, stale.id)
+    await q.ack(fresh)
+
+
+@pytest.mark.parametrize("second", sorted(SETTLE))
+async def test_settling_a_claim_whose_job_was_requeued_and_claimed_again_in_the_same_ms(
+    busy_queue: Queue, second: str
+) -> None:
+    """Same lease expiry, same attempt number (requeue resets it): still a different claim."""
+    q = busy_queue
+    await q.enqueue_with("q", b"requeued", priority=0)
+    old = await q.claim("q")
+    await q.dead_letter(old, "bad")
+    await q.requeue_dead_job(old.id)
+    new = await q.claim("q")
+    assert (new.id, new.lease_expires_at, new.attempts) == (old.id, old.lease_expires_at, old.attempts)
+    err = await assert_rejected(q, lambda: SETTLE[second](q, old), ClaimLost, old.id)
+    assert "claimed again" in str(err)
+    await q.ack(new)
+
+
+async def test_requeueing_a_job_that_is_not_dead(busy_queue: Queue, make_queue) -> None:
+    q = busy_queue
+    pending = await q.enqueue("q", b"p")
+    scheduled = (await q.enqueue_with("q", b"s", delay=60)).id
+    await q.enqueue_with("q", b"c", priority=0)
+    claimed = (await q.claim("q")).id
+    for job_id, status in ((pending, "Pending"), (scheduled, "Scheduled"), (claimed, "Claimed")):
+        err = await assert_rejected(q, lambda job_id=job_id: q.requeue_dead_job(job_id), JobNotFound, job_id)
+        assert "not dead" in str(err) and status in str(err)
+    keeping = await make_queue(config=QueueConfig(keep_done_jobs=60))
+    await keeping.enqueue("q", b"d")
+    done = await keeping.claim("q")
+    await keeping.ack(done)
+    err = await assert_rejected(keeping, lambda: keeping.requeue_dead_job(done.id), JobNotFound, done.id)
+    assert "Done" in str(err)
+
+
+async def test_requeueing_twice(busy_queue: Queue) -> None:
+    q = busy_queue
+    (dead,) = await q.dead_jobs("q")
+    await q.requeue_dead_job(dead.id)
+    await assert_rejected(q, lambda: q.requeue_dead_job(dead.id), JobNotFound, dead.id)
+
+
+UNKNOWN = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+
+async def test_unknown_job_ids(busy_queue: Queue) -> None:
+    """An unknown id is an answer, not a write: typed where the call needs the job, and nothing changes."""
+    q = busy_queue
+    for job_id in (UNKNOWN, "not-a-ulid", "é" * 3):
+        await assert_rejected(q, lambda job_id=job_id: q.requeue_dead_job(job_id), JobNotFound, repr(job_id))
+        before = await dump_store(q.store)
+        assert await q.get_job(job_id) is None
+        assert await q.cancel(job_id) is CancelOutcome.NOT_FOUND
+        assert (await q.wait_for_completion(job_id, 0)).status is WaitStatus.NOT_FOUND
+        assert await q.dead_jobs("q", after=job_id) is not None
+        assert await dump_store(q.store) == before
+
+
+@pytest.mark.parametrize("job_id", ["", None, 7, b"id", "\udc80"], ids=["empty", "none", "int", "bytes", "surrogate"])
+async def test_malformed_job_ids(busy_queue: Queue, job_id) -> None:
+    q = busy_queue
+    for call in (
+        lambda: q.get_job(job_id),
+        lambda: q.cancel(job_id),
+        lambda: q.requeue_dead_job(job_id),
+        lambda: q.wait_for_completion(job_id, 0),
+        lambda: q.dead_jobs("q", after=job_id) if job_id is not None else q.get_job(job_id),
+    ):
+        await assert_rejected(q, call, InvalidArgument, repr(job_id))
+
+
+# -- store URLs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("file://relative/dir", "absolute"),
+        ("file:///", "absolute directory"),
+        ("file://host/dir", "three slashes"),
+        ("s3://", "needs a bucket"),
+        ("s3:///prefix", "needs a bucket"),
+        ("gs://", "needs a bucket"),
+        ("az://", "needs a bucket"),
+        ("memory://host", "no location"),
+        ("memory:/x", "expected"),
+        ("memory://?flush_interval_ms=0", "flush_interval_ms"),
+        ("memory://?flush_interval_ms=abc", "flush_interval_ms"),
+        ("s3://b/p?flush_interval_ms=99999999", "flush_interval_ms"),
+        ("file:///tmp/x?flush_interval_ms=1&flush_interval_ms=2", "flush_interval_ms"),
+        ("memory://?bogus=1", "bogus"),
+        ("MEMORY://?x", "malformed query"),
+        ("memory://#frag", "fragment"),
+        ("   ", "expected"),
+        (None, "expected"),
+        (42, "expected"),
+        (b"memory://", "expected"),
+    ],
+)
+async def test_malformed_store_urls(busy_queue: Queue, url, why: str) -> None:
+    err = await assert_rejected(busy_queue, lambda: open_store(url), InvalidStoreUrl, repr(url))
+    assert why in str(err)
+
+
+# -- other call arguments ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, names",
+    [
+        (lambda q: q.enqueue_batch("q", [b"x"], dedup_key="d"), "dedup_key"),
+        (lambda q: q.list_jobs("q", "Lost"), "'Lost'"),
+        (lambda q: q.list_jobs("q", "Pending", cursor="zz"), "'zz'"),
+        (lambda q: q.list_jobs("q", "Pending", limit=0), "0"),
+        (lambda q: q.dead_jobs("q", limit=-1), "-1"),
+        (lambda q: q.kv_write([(b"k", b"v")]), "mapping"),
+        (lambda q: q.kv_write({b"k": 5}), "int"),
+        (lambda q: q.kv_scan(b"", cursor="c"), "'c'"),
+        (lambda q: q.kv_scan(b"", limit=2.5), "2.5"),
+        (lambda q: q.enqueue_with("q", b"x", kv_writes={"k": b"v"}), "'k'"),
+        (lambda q: q.wait_for_completion(UNKNOWN, -1), "-1"),
+        (lambda q: q.claim_batch("q", "3"), "'3'"),
+        (lambda q: q.claim("q", lease=math.nan), "nan"),
+        (lambda q: q.enqueue_with("q", b"x", delay=True), "True"),
+    ],
+    ids=[
+        "batch-dedup", "list-status", "list-cursor", "list-limit", "dead-limit", "kv-write-list", "kv-write-int",
+        "kv-scan-cursor", "kv-scan-limit", "kv-writes-str-key", "wait-negative", "batch-str", "lease-nan",
+        "delay-bool",
+    ],
+)
+async def test_more_bad_call_arguments(busy_queue: Queue, call, names: str) -> None:
+    await assert_rejected(busy_queue, lambda: call(busy_queue), InvalidArgument, names)
+
+
+@pytest.mark.parametrize("lease", [0, -1, math.inf, "5"], ids=str)
+async def test_bad_renewal_lease_keeps_the_claim(busy_queue: Queue, lease) -> None:
+    q = busy_queue
+    await q.enqueue_with("q", b"r", priority=0)
+    job = await q.claim("q")
+    expiry = job.lease_expires_at
+    await assert_rejected(q, lambda: q.renew_lease(job, lease), InvalidArgument, repr(lease))
+    assert job.lease_expires_at == expiry
+    await q.ack(job)
+
+
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        ({"lease": 0}, "lease"),
+        ({"backoff_base": -1}, "backoff_base"),
+        ({"backoff_max": math.nan}, "backoff_max"),
+        ({"keep_done_jobs": -5}, "keep_done_jobs"),
+        ({"dead_retention": math.inf}, "dead_retention"),
+        ({"priority": -1}, "-1"),
+    ],
+)
+def test_bad_queue_configs(kwargs, names: str) -> None:
+    with pytest.raises(InvalidArgument, match=names):
+        QueueConfig(**kwargs)
+
+
+# -- the caller KV namespace is isolated ------------------------------------------------
+
+
+async def test_caller_keys_shaped_like_internal_keys_reach_only_caller_data(busy_queue: Queue) -> None:
+    q = busy_queue
+    before = await dump_store(q.store)
+    internal = {k: v for k, v in before.items() if not k.startswith(keys.USER)}
+    real = sorted(k for k in internal if not k.startswith(keys.STATS))[:3] + [keys.stats_key("q", "pending")]
+    shaped = [*real, b"pending:", b"stats:", b"", b"\x00", b"jobindex:", b"usr:", b"usr:user", b"\xff\xff"]
+    for key in shaped:  # the internal key of the same name is not visible
+        assert await q.kv_get(key) is None, key
+    listed, _ = await q.kv_scan(b"", limit=1000)
+    assert listed == [(b"user", b"value")]
+    for prefix in (b"pending:", b"stats:", b"dead:", b"jobindex:", b"\x00"):
+        assert await q.kv_scan(prefix) == ([], None)
+
+    await q.kv_write({key: b"caller " + key for key in shaped})
+    await q.enqueue_with("q", b"with kv", kv_writes={keys.stats_key("q", "done"): b"\x01" * 8})
+    after = await dump_store(q.store)
+    new_internal = {k: v for k, v in after.items() if not k.startswith(keys.USER)}
+    assert {k: v for k, v in new_internal.items() if k in internal and not k.startswith(keys.STATS)} == {
+        k: v for k, v in internal.items() if not k.startswith(keys.STATS)
+    }, "a caller write reached an internal key"
+    assert (await q.stats("q")).done == 0 and (await q.stats("q")).pending == 2  # only the enqueue counted
+    for key in shaped:
+        assert await q.kv_get(key) == b"caller " + key
+    listed, cursor = await q.kv_scan(b"", limit=1000)
+    assert cursor is None
+    assert [k for k, _ in listed] == sorted({b"user", keys.stats_key("q", "done"), *shaped})
+    page, _ = await q.kv_scan(b"pending:")
+    assert [k for k, _ in page] == sorted(k for k in shaped if k.startswith(b"pending:"))
+
+    for key in shaped:
+        await q.kv_delete(key)
+    await q.kv_delete(keys.stats_key("q", "done"))
+    final = await dump_store(q.store)
+    assert {k: v for k, v in final.items() if k.startswith(keys.USER)} == {keys.user_key(b"user"): b"value"}
+    assert {k for k in final if not k.startswith(keys.USER)} == set(new_internal)
+    job = await q.claim("q")  # the queue still serves its jobs
+    assert job is not None

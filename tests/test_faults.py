@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from model import check_dump, dump_store
+
 from taquba_backends import MemoryStore
 from taquba_backends.memory import FaultPlan
 from taquba_core import (
@@ -516,9 +516,9 @@ async def _run_faulty(steps: list[tuple[str, str | None, int]]) -> None:
             name = "q" if n % 2 else "k"
             try:
                 if call == "enqueue":
-                    ids.append(await queue.enqueue(name, b"%d" % n))
+                    ids.append(await queue.enqueue(name, str(n).encode()))
                 elif call == "enqueue_dedup":
-                    ids.append((await queue.enqueue_with(name, b"d", dedup_key="d%d" % (n % 2), delay=n % 3)).id)
+                    ids.append((await queue.enqueue_with(name, b"d", dedup_key=f"d{n % 2}", delay=n % 3)).id)
                 elif call == "batch":
                     ids.extend(await queue.enqueue_batch(name, [b"b"] * (n % 4), kv_writes={b"b": b"%d" % n}))
                 elif call == "claim":

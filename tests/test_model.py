@@ -17,7 +17,8 @@ Profiles (``TAQUBA_MODEL_PROFILE``):
   the step count and the violations.
 
 A failure prints the failing sequence of steps and a ``@reproduce_failure``
-blob; see docs/testing.md for replaying it.
+blob (put it on ``class QueueMachine``); ``TAQUBA_MODEL_SEED=<n>`` fixes the
+random seed.  See docs/testing.md.
 """
 
 from __future__ import annotations
@@ -29,20 +30,29 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
-
-from model import ANY_OP, OPS, OUTCOMES, Harness, Op, StoreHandle, UrlHandle, handle_for, run_ops
-
-_common: dict[str, Any] = dict(
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    print_blob=True,
+from model import (
+    ANY_OP,
+    OPS,
+    OUTCOMES,
+    Harness,
+    Op,
+    StoreHandle,
+    UrlHandle,
+    handle_for,
+    run_ops,
 )
+
+_common: dict[str, Any] = {
+    "deadline": None,
+    "suppress_health_check": list(HealthCheck),
+    "print_blob": True,
+}
 settings.register_profile("ci", max_examples=200, stateful_step_count=50, **_common)
 settings.register_profile("soak", max_examples=150, stateful_step_count=100, database=None, **_common)
-settings.register_profile("s3", max_examples=4, stateful_step_count=25, database=None, **_common)
+settings.register_profile("s3", max_examples=6, stateful_step_count=30, database=None, **_common)
 
 PROFILE = os.environ.get("TAQUBA_MODEL_PROFILE", "ci")
 SOAK_STEPS = int(os.environ.get("TAQUBA_SOAK_STEPS", "10000"))
@@ -138,6 +148,8 @@ def machine_for(make_handle: Any) -> tuple[type[QueueMachine], Tally]:
 def run_machine(label: str, make_handle: Any, profile: str) -> Tally:
     """Run the machine under ``profile``; ``soak`` repeats until ``SOAK_STEPS`` steps ran."""
     machine, tally = machine_for(make_handle)
+    if os.environ.get("TAQUBA_MODEL_SEED"):
+        machine = seed(int(os.environ["TAQUBA_MODEL_SEED"]))(machine)
     OUTCOMES.clear()
     started = time.monotonic()
     violations = 0

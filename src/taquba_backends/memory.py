@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import struct
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -35,8 +36,21 @@ from dataclasses import dataclass
 from enum import Enum
 from operator import itemgetter
 
-from taquba_core.errors import InvalidArgument, StoreClosed, StoreConflict, StoreError
-from taquba_core.kv import COUNTER, DURABLE, Durability, KVStore, Transaction, add_counter
+from taquba_core.errors import (
+    CorruptRecord,
+    InvalidArgument,
+    StoreClosed,
+    StoreConflict,
+    StoreError,
+)
+from taquba_core.kv import (
+    COUNTER,
+    DURABLE,
+    Durability,
+    KVStore,
+    Transaction,
+    add_counter,
+)
 
 from ._keyrange import scan_bounds
 
@@ -226,13 +240,19 @@ class MemoryStore(KVStore):
                 raise StoreConflict(
                     f"key {key!r} was written by a concurrent commit in store {self.url}"
                 )
+        merged = {}  # computed before anything is applied: a bad counter must not half-apply the commit
+        for key, delta in merges.items():
+            latest = self._read(key, self._seq)
+            try:
+                merged[key] = add_counter(latest, COUNTER.pack(delta))
+            except struct.error as exc:
+                raise CorruptRecord(f"key {key!r} of store {self.url} holds {latest!r:.60}, not a counter") from exc
         self._seq += 1
         seq = self._seq
         for key, value in writes.items():
             self._add_version(key, seq, value)
-        for key, delta in merges.items():
-            latest = self._read(key, seq)
-            self._add_version(key, seq, add_counter(latest, COUNTER.pack(delta)))
+        for key, value in merged.items():
+            self._add_version(key, seq, value)
         if fault is Fault.FAIL_AFTER_APPLY:
             raise StoreError(f"injected failure after apply in store {self.url}")
 

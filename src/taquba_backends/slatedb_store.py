@@ -69,14 +69,17 @@ MAX_FLUSH_INTERVAL_MS = 60_000
 DEFAULT_PREFIX = "taquba"
 SCAN_BATCH = 256
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
-L0_SST_SIZE_BYTES = 16 * 1024 * 1024
+L0_SST_SIZE_BYTES = 32 * 1024 * 1024
 """Memtable size at which SlateDB writes an L0 SST (its default is 64 MiB).
 
 A queue's data churns: most of what enters the memtable (records, their
 index entries, then the tombstones of both) is soon deleted again, and
-SlateDB keeps it in memory until the memtable is flushed.  16 MiB memtables
-keep a process that drains 100k jobs under ~170 MB RSS instead of ~240 MB,
-at the same throughput (benchmarks/bench_memory.py)."""
+SlateDB keeps it in memory until the memtable is flushed.  Measured with
+benchmarks/bench_memory.py (100k jobs of 64 B enqueued, then drained by 16
+workers): peak RSS ~240 MB with 64 MiB memtables, ~180 MB with 32 MiB,
+~165 MB with 16 MiB; but with 16 KiB payloads 16 MiB memtables made SlateDB
+flush and compact so often that the peak rose to ~300 MB (32 MiB: ~210 MB).
+Throughput was the same within noise."""
 """Rows fetched per ``next_batch`` call across the FFI boundary."""
 
 CLOUD_SCHEMES = frozenset({"s3", "gs", "az"})

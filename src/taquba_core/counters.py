@@ -11,13 +11,14 @@ in a way that leaves its outcome unknown.
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import keys
+from .errors import CorruptRecord
 from .kv import Durability, Transaction, decode_counter
-
 
 _SCANNED = (keys.PENDING, keys.SCHEDULED, keys.CLAIMED)
 
@@ -67,6 +68,20 @@ class RecordingTransaction(Transaction):
         await self.inner.rollback()
 
 
+def _decode(key: bytes, value: bytes) -> int:
+    """The counter stored under ``key``.
+
+    Raises:
+        CorruptRecord: naming the key, when the value is not 8 bytes.
+    """
+    try:
+        return decode_counter(value)
+    except struct.error as exc:
+        raise CorruptRecord(
+            f"the counter {key!r} holds {value!r:.60}, not a signed 64-bit little-endian integer"
+        ) from exc
+
+
 class CounterMirror:
     """Counter values by stats key; ``None`` until loaded.
 
@@ -102,7 +117,7 @@ class CounterMirror:
         """Re-read every counter through ``read`` (a snapshot reader) after an invalidation."""
         quiet, mark = self._in_flight == 0, self._started
         rows = await read(lambda txn: txn.scan(keys.STATS))
-        values = defaultdict(int, {k: decode_counter(v) for k, v in rows})
+        values = defaultdict(int, {k: _decode(k, v) for k, v in rows})
         if quiet and self._started == mark and self._values is None:
             self._values = values
         self._latest = values
@@ -117,7 +132,7 @@ class CounterMirror:
     async def load(self, txn: Transaction) -> None:
         """Read every counter of the store (call when no commit is in flight)."""
         rows = await txn.scan(keys.STATS)
-        self._values = defaultdict(int, {k: decode_counter(v) for k, v in rows})
+        self._values = defaultdict(int, {k: _decode(k, v) for k, v in rows})
 
     def apply(self, deltas: list[tuple[bytes, int]]) -> None:
         """Add a committed transaction's deltas."""

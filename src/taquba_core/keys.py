@@ -25,6 +25,9 @@ JOBINDEX = b"jobindex:"
 DEDUP = b"dedup:"
 STATS = b"stats:"
 USER = b"usr:"
+QUARANTINE = b"quarantine:"
+"""``quarantine:{original key}``: bytes that were stored under a job key but could not be decoded,
+moved aside by the claim or sweep that met them (see ``transitions.scan_records``)."""
 
 SPACES = {
     "Pending": PENDING,

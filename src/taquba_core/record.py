@@ -89,4 +89,4 @@ def decode_record(data: bytes, key: bytes = b"") -> JobRecord:
             raise ValueError("bad field types")
         return job
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise CorruptRecord(f"cannot decode the job record stored under {key!r}: {exc}") from exc
+        raise CorruptRecord(f"cannot decode the job record stored under {key!r}: {exc or type(exc).__name__}") from exc

@@ -8,6 +8,7 @@ spaces rewrites ``jobindex:{id}`` and merges the matching counter deltas.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,8 @@ _METRIC = {
 }
 
 KvWrites = Mapping[bytes, bytes | None]
+
+log = logging.getLogger("taquba")
 
 
 def key_for(job: JobRecord) -> bytes:
@@ -86,6 +89,69 @@ async def apply_kv_writes(txn: Transaction, writes: KvWrites | None) -> None:
             await txn.put(keys.user_key(key), value)
 
 
+# -- undecodable records ----------------------------------------------------------
+
+_SPACE_METRIC = {keys.PENDING: "pending", keys.SCHEDULED: "scheduled", keys.CLAIMED: "claimed", keys.DEAD: "dead"}
+
+
+async def scan_records(
+    txn: Transaction,
+    prefix: bytes,
+    *,
+    start_after: bytes | None = None,
+    end: bytes | None = None,
+    limit: int,
+) -> list[tuple[bytes, JobRecord]]:
+    """Up to ``limit`` (key, record) pairs of a job space, as ``txn.scan`` orders them.
+
+    A value that cannot be decoded is moved aside by :func:`quarantine` and
+    the scan goes on past it, so one corrupt record neither wedges the head
+    of a queue nor stops a sweep, and is reported once (logged with its key).
+    """
+    out: list[tuple[bytes, JobRecord]] = []
+    while len(out) < limit:
+        want = limit - len(out)
+        rows = await txn.scan(prefix, start_after=start_after, end=end, limit=want)
+        for key, value in rows:
+            start_after = key
+            try:
+                out.append((key, decode_record(value, key)))
+            except CorruptRecord as exc:
+                await quarantine(txn, key, value, exc)
+        if len(rows) < want:
+            break
+    return out
+
+
+async def quarantine(txn: Transaction, key: bytes, value: bytes, error: Exception) -> None:
+    """Move the undecodable ``value`` stored at job key ``key`` to ``quarantine:{key}``.
+
+    When the job index points at ``key``, the record was indexed and
+    counted: its index entry, a dedup entry holding its id, and its count
+    (a done record's acknowledgement stays counted) go with it, so the
+    invariants hold without it.  Garbage under a key nobody indexed is just
+    moved.
+    """
+    target = keys.QUARANTINE + key
+    log.error("%s; moved it aside to %r", error, target)
+    await txn.put(target, value)
+    await txn.delete(key)
+    try:
+        parsed = keys.parse_job_key(key)
+    except CorruptRecord:
+        return
+    index = keys.jobindex_key(parsed.job_id)
+    if await txn.get(index) != key:
+        return
+    await txn.delete(index)
+    if parsed.space in _SPACE_METRIC:
+        await txn.merge_counter(keys.stats_key(parsed.queue, _SPACE_METRIC[parsed.space]), -1)
+    if parsed.space in (keys.PENDING, keys.SCHEDULED):
+        for dkey, holder in await txn.scan(keys.DEDUP + parsed.queue.encode() + b":"):
+            if holder == parsed.job_id.encode():
+                await txn.delete(dkey)
+
+
 # -- enqueue -----------------------------------------------------------------
 
 
@@ -108,7 +174,10 @@ async def insert(txn: Transaction, job: JobRecord, kv_writes: KvWrites | None = 
         dkey = keys.dedup_key(job.queue, job.dedup_key)
         holder = await txn.get(dkey)
         if holder is not None:
-            return Inserted(holder.decode(), False)
+            holder_id = holder.decode("utf-8", "replace")
+            if await txn.get(keys.jobindex_key(holder_id)) is not None:
+                return Inserted(holder_id, False)
+            log.error("dedup entry %r holds %r, which is no job's id; the new job takes it over", dkey, holder)
         await txn.put(dkey, job.id.encode())
     await _store(txn, job)
     await apply_kv_writes(txn, kv_writes)
@@ -133,10 +202,9 @@ async def claim_batch(
     dedup entry that by then belongs to another job — the bug fixed upstream
     in the 0.5.0 claim path).
     """
-    rows = await txn.scan(keys.pending_prefix(queue), start_after=start_after, limit=limit)
+    rows = await scan_records(txn, keys.pending_prefix(queue), start_after=start_after, limit=limit)
     claimed = []
-    for key, value in rows:
-        job = decode_record(value, key)
+    for key, job in rows:
         if job.dedup_key is not None:
             await txn.delete(keys.dedup_key(queue, job.dedup_key))
         new = replace(
@@ -263,12 +331,11 @@ async def promote_due(
     :mod:`taquba_core.claim_cursor`).  Returns the promoted records and the
     last key moved (``None`` when none was).
     """
-    rows = await txn.scan(
-        keys.SCHEDULED, start_after=start_after, end=keys.time_bound(keys.SCHEDULED, now), limit=limit
+    rows = await scan_records(
+        txn, keys.SCHEDULED, start_after=start_after, end=keys.time_bound(keys.SCHEDULED, now), limit=limit
     )
     promoted = []
-    for key, value in rows:
-        job = decode_record(value, key)
+    for key, job in rows:
         new = replace(job, status=JobStatus.PENDING, run_at=None)
         await _move(txn, key, job, new)
         promoted.append(new)
@@ -293,10 +360,9 @@ async def expire_claims(
     reaping cursor.  Returns the moved records and the last key moved.
     """
     end = None if until is None else keys.time_bound(keys.CLAIMED, until)
-    rows = await txn.scan(keys.CLAIMED, start_after=start_after, end=end, limit=limit)
+    rows = await scan_records(txn, keys.CLAIMED, start_after=start_after, end=end, limit=limit)
     moved = []
-    for key, value in rows:
-        job = decode_record(value, key)
+    for key, job in rows:
         if job.attempts >= job.max_attempts:
             new = _dead(job, now, reason)
         else:
@@ -323,12 +389,11 @@ async def sweep_done(
     continue after (``None`` once the range up to ``until`` was scanned):
     a page that removed little must not end the sweep.
     """
-    rows = await txn.scan(
-        keys.DONE, start_after=start_after, end=keys.time_bound(keys.DONE, until), limit=limit
+    rows = await scan_records(
+        txn, keys.DONE, start_after=start_after, end=keys.time_bound(keys.DONE, until), limit=limit
     )
     removed = []
-    for key, value in rows:
-        job = decode_record(value, key)
+    for key, job in rows:
         keep = configs.get(job.queue).keep_done_jobs
         if keep is not None and job.completed_at is not None and job.completed_at + int(keep * 1000) <= now:
             await _drop(txn, key, job)
@@ -346,9 +411,8 @@ async def sweep_dead(
     set a page at a time from ``start_after``; it returns where the next
     page starts (``None`` once the end was reached).
     """
-    rows = await txn.scan(keys.dead_prefix(queue), start_after=start_after, limit=limit)
-    for key, value in rows:
-        job = decode_record(value, key)
+    rows = await scan_records(txn, keys.dead_prefix(queue), start_after=start_after, limit=limit)
+    for key, job in rows:
         if job.failed_at is not None and job.failed_at + retention_ms <= now:
             await _drop(txn, key, job)
     return rows[-1][0] if len(rows) == limit else None

@@ -1,0 +1,109 @@
+"""The FFI fast path for slatedb.uniffi (taquba_backends/_uniffi_fast.py) changes no result."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taquba_backends import _uniffi_fast, open_store
+from taquba_backends.slatedb_store import SlateDBStore
+
+ROOT = Path(__file__).resolve().parent.parent
+VALUES = [b"", b"k", b"\x00\x01\x00", bytes(range(256)), os.urandom(70_000), bytearray(b"mutable"), memoryview(b"view")]
+
+
+@pytest.fixture
+async def store() -> SlateDBStore:
+    s = await open_store("memory://")
+    assert isinstance(s, SlateDBStore)
+    yield s
+    await s.close()
+
+
+async def test_installed_on_the_pinned_binding(store: SlateDBStore) -> None:
+    if os.environ.get(_uniffi_fast.ENV_SWITCH, "1") == "0":
+        pytest.skip("fast path disabled in this environment")
+    assert _uniffi_fast.installed()
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: f"{type(v).__name__}-{len(v)}")
+def test_bytes_lowering_is_the_uniffi_wire_format(value: bytes) -> None:
+    from slatedb.uniffi._slatedb_uniffi import slatedb as gen
+
+    _uniffi_fast.install()
+    buf = gen._UniffiFfiConverterBytes.lower(value)
+    try:
+        assert ctypes.string_at(buf.data, buf.len) == struct.pack(">i", len(value)) + bytes(value)
+    finally:
+        buf.free()
+
+
+async def test_values_round_trip_through_the_store(store: SlateDBStore) -> None:
+    txn = await store.begin()
+    for i, value in enumerate(VALUES):
+        await txn.put(b"key-%d" % i, bytes(value))
+    await txn.commit()
+    txn = await store.begin()
+    for i, value in enumerate(VALUES):
+        assert await txn.get(b"key-%d" % i) == bytes(value)
+    rows = await txn.scan(b"key-")
+    assert [v for _, v in rows] == [bytes(v) for v in VALUES]
+    await txn.rollback()
+
+
+async def test_many_concurrent_calls_resolve(store: SlateDBStore) -> None:
+    async def one(i: int) -> bytes | None:
+        txn = await store.begin()
+        await txn.put(b"c%d" % i, b"%d" % i)
+        await txn.commit()
+        txn = await store.begin()
+        try:
+            return await txn.get(b"c%d" % i)
+        finally:
+            await txn.rollback()
+
+    assert await asyncio.gather(*(one(i) for i in range(200))) == [b"%d" % i for i in range(200)]
+
+
+async def test_a_cancelled_wait_leaves_the_store_usable(store: SlateDBStore) -> None:
+    txn = await store.begin()
+    await txn.put(b"x", b"1")
+    durability = await txn.commit(durable=False)
+    waiter = asyncio.ensure_future(durability.wait())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    txn = await store.begin()
+    assert await txn.get(b"x") == b"1"
+    await txn.rollback()
+
+
+def test_the_stock_binding_still_works() -> None:
+    """With TAQUBA_SLATEDB_FAST_FFI=0 nothing is patched and the queue works the same."""
+    code = (
+        "import asyncio\n"
+        "from taquba_backends import _uniffi_fast, open_store\n"
+        "from taquba_core import Queue\n"
+        "async def main():\n"
+        "    q = await Queue.open(await open_store('memory://'), background=False)\n"
+        "    ids = await asyncio.gather(*(q.enqueue('q', b'x' * n) for n in (0, 1, 5000)))\n"
+        "    jobs = await q.claim_batch('q', 3)\n"
+        "    assert [j.id for j in jobs] == ids, (jobs, ids)\n"
+        "    assert [len(j.payload) for j in jobs] == [0, 1, 5000]\n"
+        "    await asyncio.gather(*(q.ack(j) for j in jobs))\n"
+        "    assert (await q.stats('q')).done == 3\n"
+        "    await q.close()\n"
+        "    print('installed', _uniffi_fast.installed())\n"
+        "asyncio.run(main())\n"
+    )
+    env = dict(os.environ, **{_uniffi_fast.ENV_SWITCH: "0"})
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "installed False" in out.stdout

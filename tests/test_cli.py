@@ -93,7 +93,7 @@ def test_binary_payload_is_shown_as_base64(store: str) -> None:
 
 
 def test_stats(store: str) -> None:
-    assert cli_json(store, "stats") == []
+    fails_with_one_line(store, "stats", match="no store at")  # reading never creates a store
     cli(store, "enqueue", "a", "1")
     cli(store, "enqueue", "b", "2", "--delay", "60")
     rows = cli_json(store, "stats")
@@ -193,3 +193,29 @@ def test_bad_arguments_exit_with_one_line(store: str) -> None:
     fails_with_one_line(store, "jobs", "q", "--limit", "0", match="limit")
     fails_with_one_line(store, "jobs", "q", "--cursor", "zz", match="cursor")
     fails_with_one_line(store, "enqueue", "q", "x", "--priority", "-1", match="priority")
+
+
+async def test_read_commands_do_not_fence_a_running_writer(tmp_path) -> None:
+    url = f"file://{tmp_path / 'live'}"
+    writer = await Queue.open(await open_store(url), background=False)
+    try:
+        await writer.enqueue("live", b"one")
+        job = await writer.enqueue("live", b"two")
+        claimed = await writer.claim("live")
+        assert claimed is not None
+
+        def read(*args: str) -> Any:
+            result = CliRunner().invoke(main, [*args, "--json", "--store", url], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            return json.loads(result.stdout)
+
+        stats = await asyncio.to_thread(read, "stats", "live")
+        assert (stats[0]["pending"], stats[0]["claimed"]) == (1, 1)
+        listed = await asyncio.to_thread(read, "jobs", "live", "--status", "claimed")
+        assert [j["id"] for j in listed["jobs"]] == [claimed.id]
+        assert (await asyncio.to_thread(read, "get", job))["status"] == "Pending"
+
+        await writer.ack(claimed)  # still the writer: no StoreFenced
+        assert (await writer.stats("live")).done == 1
+    finally:
+        await writer.close()

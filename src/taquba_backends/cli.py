@@ -37,7 +37,7 @@ from taquba_core.keys import validate_queue_name
 from taquba_core.worker import Handler
 
 from .demo import default_root, run_demo
-from .url import open_store
+from .url import names_persistent_store, open_store
 
 DEFAULT_STORE = "./.taquba"
 T = TypeVar("T")
@@ -53,9 +53,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 @asynccontextmanager
-async def opened(url: str, **options: Any) -> Any:
-    """An open :class:`Queue` on the store at ``url``, closed on exit."""
-    queue = await Queue.open(await open_store(url), **options)
+async def opened(url: str, *, read_only: bool = False, **options: Any) -> Any:
+    """An open :class:`Queue` on the store at ``url``, closed on exit.
+
+    ``read_only`` opens a persistent store without fencing its writer (a
+    running worker keeps going); an in-memory store has no other writer, so
+    it is opened normally.
+    """
+    view = read_only and names_persistent_store(url)
+    queue = await Queue.open(await open_store(url, read_only=view), **options)
     try:
         yield queue
     finally:
@@ -195,7 +201,7 @@ def stats(queue: str | None, as_json: bool, store: str) -> None:
     """Per-queue job counts (every queue, or QUEUE)."""
 
     async def go() -> list[dict[str, Any]]:
-        async with opened(store, background=False) as q:
+        async with opened(store, read_only=True) as q:
             if queue:
                 await require_queue(q, queue)
             names = [queue] if queue else await q.list_queues()
@@ -302,7 +308,7 @@ def jobs(queue: str, status: str, limit: int, cursor: str | None, as_json: bool,
     """List QUEUE's jobs in one state, in that state's order."""
 
     async def go() -> tuple[list[JobRecord], str | None]:
-        async with opened(store, background=False) as q:
+        async with opened(store, read_only=True) as q:
             await require_queue(q, queue)
             return await q.list_jobs(queue, status.capitalize(), cursor, limit)
 
@@ -320,7 +326,7 @@ def dead(queue: str, after: str | None, limit: int, as_json: bool, store: str) -
     """List QUEUE's dead letters in id order."""
 
     async def go() -> list[JobRecord]:
-        async with opened(store, background=False) as q:
+        async with opened(store, read_only=True) as q:
             await require_queue(q, queue)
             return await q.dead_jobs(queue, after, limit)
 
@@ -329,12 +335,14 @@ def dead(queue: str, after: str | None, limit: int, as_json: bool, store: str) -
     _print_jobs(f"{queue}: dead", page, as_json, next_after, "--after")
 
 
-def _one_job_command(action: Callable[[Queue, str], Awaitable[Any]]) -> Callable[[str, str], Any]:
+def _one_job_command(
+    action: Callable[[Queue, str], Awaitable[Any]], *, read_only: bool = False
+) -> Callable[[str, str], Any]:
     """Run ``action(queue, job_id)`` on an opened store and return its result."""
 
     def call(job_id: str, store: str) -> Any:
         async def go() -> Any:
-            async with opened(store, background=False) as q:
+            async with opened(store, read_only=read_only, background=False) as q:
                 return await action(q, job_id)
 
         return run(go())
@@ -348,7 +356,7 @@ def _one_job_command(action: Callable[[Queue, str], Awaitable[Any]]) -> Callable
 @store_option
 def get(job_id: str, as_json: bool, store: str) -> None:
     """Show one job."""
-    job = _one_job_command(Queue.get_job)(job_id, store)
+    job = _one_job_command(Queue.get_job, read_only=True)(job_id, store)
     if job is None:
         raise click.ClickException(f"no job with id {job_id!r}")
     fields = _job_dict(job)
@@ -383,9 +391,9 @@ def kv() -> None:
     """The caller key-value namespace (keys and values as UTF-8 text)."""
 
 
-def _kv_call(store: str, action: Callable[[Queue], Awaitable[T]]) -> T:
+def _kv_call(store: str, action: Callable[[Queue], Awaitable[T]], *, read_only: bool = False) -> T:
     async def go() -> T:
-        async with opened(store, background=False) as q:
+        async with opened(store, read_only=read_only, background=False) as q:
             return await action(q)
 
     return run(go())
@@ -396,7 +404,7 @@ def _kv_call(store: str, action: Callable[[Queue], Awaitable[T]]) -> T:
 @store_option
 def kv_get(key: str, store: str) -> None:
     """Print the value under KEY."""
-    value = _kv_call(store, lambda q: q.kv_get(key.encode()))
+    value = _kv_call(store, lambda q: q.kv_get(key.encode()), read_only=True)
     if value is None:
         raise click.ClickException(f"no value under key {key!r}")
     click.echo(value.decode("utf-8", errors="backslashreplace"))
@@ -428,7 +436,7 @@ def kv_del(key: str, store: str) -> None:
 def kv_scan(prefix: str, limit: int, cursor: str | None, as_json: bool, store: str) -> None:
     """List keys under PREFIX in ascending order."""
     after = None if cursor is None else cursor.encode()
-    page, next_key = _kv_call(store, lambda q: q.kv_scan(prefix.encode(), after, limit))
+    page, next_key = _kv_call(store, lambda q: q.kv_scan(prefix.encode(), after, limit), read_only=True)
     rows = [[k.decode("utf-8", "backslashreplace"), v.decode("utf-8", "backslashreplace")] for k, v in page]
     if as_json:
         nxt = None if next_key is None else next_key.decode("utf-8", "backslashreplace")

@@ -9,6 +9,7 @@ from taquba_core.errors import InvalidStoreUrl
 from taquba_core.kv import KVStore
 
 from .memory import MemoryStore
+from .reader import PERSISTENT_SCHEMES, SlateDBReader
 from .slatedb_store import SCHEMES as SLATEDB_SCHEMES
 from .slatedb_store import SlateDBStore
 
@@ -19,8 +20,14 @@ ACCEPTED_FORMS = (
 )
 
 
-async def open_store(url: str) -> KVStore:
-    """Open the store named by ``url``.
+def names_persistent_store(url: str) -> bool:
+    """Whether ``url`` names a store that outlives the process (a path, file, s3, gs, az)."""
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    return match is None or match.group(1).lower() in PERSISTENT_SCHEMES
+
+
+async def open_store(url: str, *, read_only: bool = False) -> KVStore:
+    """Open the store named by ``url``; ``read_only`` opens a view that does not fence the writer.
 
     Accepted forms:
 
@@ -42,21 +49,32 @@ async def open_store(url: str) -> KVStore:
     ``word:`` is read as a URL, so a relative path that contains a colon
     needs a ``./`` in front.
 
+    With ``read_only`` (persistent SlateDB stores only), the store is opened
+    through :class:`~taquba_backends.reader.SlateDBReader`: it sees what the
+    writer made durable, and every write raises ``ReadOnlyStore``.
+
     Raises:
         InvalidStoreUrl: the scheme is unknown or the location malformed; the
             message names the URL.
-        StoreError: the store cannot be reached or opened.
+        StoreError: the store cannot be reached or opened (read-only: no
+            store exists there).
     """
     if not isinstance(url, str) or not url.strip():
         raise InvalidStoreUrl(f"invalid store URL {url!r}: expected {ACCEPTED_FORMS}")
     match = _SCHEME.match(url)
     if match is None:
-        return await SlateDBStore.open(Path(url).expanduser().absolute().as_uri())
+        url = Path(url).expanduser().absolute().as_uri()
+        match = _SCHEME.match(url)
+        assert match is not None
     scheme = match.group(1).lower()
+    if read_only and scheme not in PERSISTENT_SCHEMES:
+        raise InvalidStoreUrl(f"store URL {url!r} names no persistent store to open read-only")
     if scheme == "inmemory":
         if url.lower() != "inmemory://":
             raise InvalidStoreUrl(f"invalid store URL {url!r}: inmemory:// takes no location or options")
         return MemoryStore()
     if scheme not in SLATEDB_SCHEMES:
         raise InvalidStoreUrl(f"invalid store URL {url!r}: unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}")
+    if read_only:
+        return await SlateDBReader.open(url)
     return await SlateDBStore.open(url)

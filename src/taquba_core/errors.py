@@ -112,6 +112,13 @@ class StoreFenced(TaqubaError):
     """
 
 
+class ReadOnlyStore(TaqubaError):
+    """A write was attempted through a read-only view of a store; nothing was written.
+
+    Permanent: open the store as its writer to change it.
+    """
+
+
 class StoreClosed(TaqubaError):
     """The queue or store was closed.
 

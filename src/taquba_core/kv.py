@@ -108,9 +108,14 @@ class Transaction(ABC):
 
 
 class KVStore(ABC):
-    """A transactional store.  ``url`` names it for messages."""
+    """A transactional store.  ``url`` names it for messages.
+
+    ``read_only`` stores refuse writes; a queue opened on one neither
+    recovers claims nor runs background sweeps.
+    """
 
     url: str = ""
+    read_only: bool = False
 
     @abstractmethod
     async def begin(self) -> Transaction:

@@ -240,9 +240,10 @@ class Queue:
             reap_interval=reap_interval,
         )
         await queue._read(queue._counters.load)
-        await queue.recover()
-        if background:
-            queue.start_background()
+        if not store.read_only:
+            await queue.recover()
+            if background:
+                queue.start_background()
         return queue
 
     async def __aenter__(self) -> Queue:

@@ -478,3 +478,12 @@ async def test_caller_keys_shaped_like_internal_keys_reach_only_caller_data(busy
     assert {k for k in final if not k.startswith(keys.USER)} == set(new_internal)
     job = await q.claim("q")  # the queue still serves its jobs
     assert job is not None
+
+
+async def test_unknown_enqueue_option_is_a_typed_error(queue) -> None:
+    before = await dump_store(queue.store)
+    with pytest.raises(InvalidArgument, match="priorty"):
+        await queue.enqueue_with("q", b"x", priorty=5)  # type: ignore[call-arg]
+    with pytest.raises(InvalidArgument, match="priorty"):
+        await queue.enqueue_batch("q", [b"x"], priorty=5)  # type: ignore[call-arg]
+    assert await dump_store(queue.store) == before

@@ -21,7 +21,7 @@ from .errors import (
 )
 from .kv import KVStore, Transaction
 from .kvapi import MAX_KV_VALUE_SIZE
-from .queue import CancelOutcome, EnqueueResult, Queue, QueueStats, WaitOutcome, WaitStatus
+from .queue import CancelOutcome, EnqueueOptions, EnqueueResult, Queue, QueueStats, WaitOutcome, WaitStatus
 from .record import JobRecord, JobStatus
 from .worker import AckWith, PermanentFailure, WorkerStats, run_worker, run_worker_concurrent
 
@@ -37,6 +37,7 @@ __all__ = [
     "Clock",
     "Contention",
     "CorruptRecord",
+    "EnqueueOptions",
     "EnqueueResult",
     "InvalidArgument",
     "InvalidQueueName",

@@ -115,7 +115,8 @@ class StoreFenced(TaqubaError):
 class ReadOnlyStore(TaqubaError):
     """A write was attempted through a read-only view of a store; nothing was written.
 
-    Permanent: open the store as its writer to change it.
+    Permanent: retrying through the same view cannot succeed; open the store
+    as its writer to change it.
     """
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 from . import keys, transitions
 from .claim_cursor import ScanCursors
@@ -50,6 +50,20 @@ class QueueStats:
     claimed: int = 0
     done: int = 0
     dead: int = 0
+
+
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Queue.enqueue_with` (documented there)."""
+
+    priority: int
+    run_at: datetime
+    delay: float
+    max_attempts: int
+    headers: Mapping[str, str]
+    dedup_key: str
+
+
+ENQUEUE_OPTIONS = frozenset(EnqueueOptions.__annotations__)
 
 
 @dataclass(frozen=True)
@@ -354,25 +368,19 @@ class Queue:
 
     # -- enqueue ------------------------------------------------------------
 
-    def _new_job(
-        self,
-        queue: str,
-        payload: object,
-        *,
-        priority: int | None = None,
-        run_at: datetime | None = None,
-        delay: float | None = None,
-        max_attempts: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        dedup_key: str | None = None,
-    ) -> JobRecord:
+    def _new_job(self, queue: str, payload: object, options: EnqueueOptions) -> JobRecord:
         keys.validate_queue_name(queue)
+        unknown = set(options) - ENQUEUE_OPTIONS
+        if unknown:
+            raise InvalidArgument(f"unknown enqueue option(s) {sorted(unknown)}; expected {sorted(ENQUEUE_OPTIONS)}")
         config = self.configs.get(queue)
         data = _check_payload(payload)
+        priority = options.get("priority")
+        max_attempts = options.get("max_attempts")
         prio = config.priority if priority is None else keys.check_priority(priority)
         attempts = config.max_attempts if max_attempts is None else check_positive_int("max_attempts", max_attempts)
         now = self._now()
-        due = _run_at_ms(run_at, delay, now)
+        due = _run_at_ms(options.get("run_at"), options.get("delay"), now)
         return JobRecord(
             id=new_job_id(now),
             queue=queue,
@@ -381,9 +389,9 @@ class Queue:
             max_attempts=attempts,
             enqueued_at=now,
             priority=prio,
-            headers=_check_headers(headers),
+            headers=_check_headers(options.get("headers")),
             run_at=due,
-            dedup_key=_check_dedup_key(dedup_key),
+            dedup_key=_check_dedup_key(options.get("dedup_key")),
         )
 
     async def enqueue(self, queue: str, payload: bytes) -> str:
@@ -399,15 +407,10 @@ class Queue:
         queue: str,
         payload: bytes,
         *,
-        priority: int | None = None,
-        run_at: datetime | None = None,
-        delay: float | None = None,
-        max_attempts: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        dedup_key: str | None = None,
         kv_writes: Mapping[bytes, bytes | None] | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> EnqueueResult:
-        """Enqueue with options.
+        """Enqueue with options (keyword arguments, all optional).
 
         Args:
             priority: 0..2**32-1, lower is claimed first (default: the
@@ -426,16 +429,7 @@ class Queue:
             InvalidQueueName, InvalidArgument, KvValueTooLarge: bad input;
                 nothing is written.
         """
-        job = self._new_job(
-            queue,
-            payload,
-            priority=priority,
-            run_at=run_at,
-            delay=delay,
-            max_attempts=max_attempts,
-            headers=headers,
-            dedup_key=dedup_key,
-        )
+        job = self._new_job(queue, payload, options)
         writes = check_kv_writes(kv_writes)
         inserted = await self._combiner.run(lambda txn: transitions.insert(txn, job, writes))
         if inserted.created and job.status is JobStatus.PENDING:
@@ -448,7 +442,7 @@ class Queue:
         payloads: list[bytes],
         *,
         kv_writes: Mapping[bytes, bytes | None] | None = None,
-        **options: object,
+        **options: Unpack[EnqueueOptions],
     ) -> list[str]:
         """Enqueue every payload in one transaction, all or nothing.
 
@@ -461,7 +455,7 @@ class Queue:
         """
         if "dedup_key" in options:
             raise InvalidArgument("enqueue_batch does not take a dedup_key")
-        jobs = [self._new_job(queue, payload, **options) for payload in payloads]  # type: ignore[arg-type]
+        jobs = [self._new_job(queue, payload, options) for payload in payloads]
         writes = check_kv_writes(kv_writes)
 
         async def step(txn: Transaction) -> list[str]:
@@ -800,10 +794,10 @@ class Queue:
         queue: str,
         payload: bytes,
         kv_writes: Mapping[bytes, bytes | None],
-        **options: object,
+        **options: Unpack[EnqueueOptions],
     ) -> EnqueueResult:
         """:meth:`enqueue_with` whose caller KV writes commit with the job (none on a dedup hit)."""
-        return await self.enqueue_with(queue, payload, kv_writes=kv_writes, **options)  # type: ignore[arg-type]
+        return await self.enqueue_with(queue, payload, kv_writes=kv_writes, **options)
 
     # -- cancellation and completion ----------------------------------------
 

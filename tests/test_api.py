@@ -728,3 +728,27 @@ def test_every_error_says_whether_retrying_can_help() -> None:
         if cls is not TaqubaError:
             word = "Permanent" if cls.is_permanent else "Transient"
             assert word in doc, f"{cls.__name__}: is_permanent={cls.is_permanent} but its doc does not say {word}"
+
+
+async def test_list_jobs_takes_a_status_name_in_any_case(queue) -> None:
+    job = await queue.enqueue("q", b"x")
+    for status in ("pending", "Pending", "PENDING", JobStatus.PENDING):
+        page, _ = await queue.list_jobs("q", status)
+        assert [j.id for j in page] == [job]
+    with pytest.raises(InvalidArgument, match="expected one of pending, scheduled"):
+        await queue.list_jobs("q", "waiting")
+
+
+async def test_worker_counts_exhausted_retries_as_dead_letters(make_queue) -> None:
+    queue = await make_queue(config=QueueConfig(max_attempts=2, backoff_base=0))
+    job = await queue.enqueue("w", b"x")
+    stop = asyncio.Event()
+
+    async def fail(record: JobRecord) -> None:
+        if record.attempts == 2:
+            stop.set()
+        raise ValueError("boom")
+
+    stats = await run_worker_concurrent(queue, "w", fail, concurrency=1, poll_interval=0.05, shutdown=stop)
+    assert (stats.nacked, stats.dead_lettered) == (1, 1)
+    assert (await queue.get_job(job)).status is JobStatus.DEAD

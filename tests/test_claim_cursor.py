@@ -145,7 +145,7 @@ async def test_expired_claim_lands_behind_the_cursor(queue: Queue, clock: Manual
 async def test_commit_out_of_id_order(queue: Queue) -> None:
     # The id of ``early`` is drawn first, but its insert commits only after
     # a later job was claimed past it.
-    early = queue._new_job("q", b"early")
+    early = queue._new_job("q", b"early", {})
     later = [await queue.enqueue("q", b"%d" % i) for i in range(2)]
     assert await claim_id(queue) == later[0]
     await queue._run(lambda txn: transitions.insert(txn, early))
@@ -212,7 +212,7 @@ async def test_key_committed_during_a_claim_is_not_skipped(
     store = PausingStore(await store_factory())
     queue = await Queue.open(store, clock=ManualClock(), background=False)
     try:
-        early = queue._new_job("q", b"early")  # lowest id, committed late
+        early = queue._new_job("q", b"early", {})  # lowest id, committed late
         later = [await queue.enqueue("q", b"%d" % i) for i in range(3)]
         assert await claim_id(queue) == later[0]  # the cursor is now on later[0]
         store.armed = True
@@ -317,7 +317,7 @@ async def test_promotion_of_a_backlog_larger_than_a_batch(queue: Queue, clock: M
 
 
 async def test_scheduled_key_committed_behind_the_promotion_cursor(queue: Queue, clock: ManualClock) -> None:
-    early = queue._new_job("q", b"early", delay=5)  # run_at drawn now, committed later
+    early = queue._new_job("q", b"early", {"delay": 5})  # run_at drawn now, committed later
     clock.advance(1)
     later = (await queue.enqueue_with("q", b"later", delay=5)).id
     clock.advance(6_000)

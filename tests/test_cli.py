@@ -219,3 +219,17 @@ async def test_read_commands_do_not_fence_a_running_writer(tmp_path) -> None:
         assert (await writer.stats("live")).done == 1
     finally:
         await writer.close()
+
+
+@pytest.mark.parametrize("url", ["memory://", "inmemory://"])
+def test_commands_refuse_a_store_that_vanishes_on_exit(url: str) -> None:
+    result = CliRunner().invoke(main, ["enqueue", "q", "x", "--store", url])
+    assert result.exit_code == 1
+    assert "keeps nothing after this command exits" in result.stderr
+
+
+def test_dedup_hit_says_nothing_was_enqueued(store: str) -> None:
+    first = cli(store, "enqueue", "q", "x", "--dedup-key", "k").stdout.strip()
+    again = cli(store, "enqueue", "q", "y", "--dedup-key", "k")
+    assert again.stdout.strip() == first
+    assert "already enqueued" in again.stderr

@@ -113,3 +113,30 @@ def test_demo_resumes_after_kill_9(tmp_path: Path) -> None:
     assert {k: result[k] for k in want} == want
     # Every file was acknowledged exactly once: none enqueued twice, none redone after its ack.
     assert asyncio.run(_done_count(store, root)) == int(want["files"])
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_stores_in_flight_files_and_resumes(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    make_tree(root, 1200, seed=7)
+    store = f"file://{tmp_path / 'store'}"
+    proc = subprocess.Popen(
+        [*TAQUBA, "demo", str(root), "--store", store, "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stderr is not None
+    assert "starting" in proc.stderr.readline()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Error" not in err
+    assert "tree-digest" not in out
+
+    result = run_demo(root, store)
+    want = expected(root)
+    assert {k: result[k] for k in want} == want
+    assert asyncio.run(_done_count(store, root)) == int(want["files"])

@@ -11,6 +11,7 @@ import base64
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -53,13 +54,16 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 @asynccontextmanager
-async def opened(url: str, *, read_only: bool = False, **options: Any) -> Any:
+async def opened(url: str, *, read_only: bool = False, ephemeral_ok: bool = False, **options: Any) -> Any:
     """An open :class:`Queue` on the store at ``url``, closed on exit.
 
     ``read_only`` opens a persistent store without fencing its writer (a
     running worker keeps going); an in-memory store has no other writer, so
-    it is opened normally.
+    it is opened normally.  Only ``ephemeral_ok`` callers (the demo) may
+    use a store that vanishes when the command exits.
     """
+    if not ephemeral_ok and not names_persistent_store(url):
+        raise click.ClickException(f"store {url!r} keeps nothing after this command exits; use a path or file:// URL")
     view = read_only and names_persistent_store(url)
     queue = await Queue.open(await open_store(url, read_only=view), **options)
     try:
@@ -130,6 +134,8 @@ def enqueue(
                 headers=parsed,
                 dedup_key=dedup_key,
             )
+            if not result.created:
+                click.echo(f"already enqueued: job {result.id} carries dedup key {dedup_key!r}", err=True)
             return result.id
 
     click.echo(run(go()))
@@ -166,19 +172,40 @@ def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
     func = load_handler(handler)
 
     async def go() -> None:
-        shutdown = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, shutdown.set)
+        shutdown = stop_on_signals("finishing the jobs in flight")
         async with opened(store) as q:
+            if queue not in await q.list_queues():
+                click.echo(f"queue {queue!r} has no jobs yet; waiting for some", err=True)
             click.echo(f"worker on {queue!r} ({concurrency} at once); Ctrl-C to stop", err=True)
             stats = await run_worker_concurrent(q, queue, func, concurrency=concurrency, shutdown=shutdown)
         click.echo(
-            f"stopped: {stats.acked} acked, {stats.nacked} nacked, {stats.dead_lettered} dead-lettered",
+            f"stopped: {stats.acked} acked, {stats.nacked} failed and will retry, "
+            f"{stats.dead_lettered} dead-lettered",
             err=True,
         )
 
     run(go())
+
+
+def stop_on_signals(draining: str) -> asyncio.Event:
+    """An event set by the first Ctrl-C or SIGTERM; a second one quits at once.
+
+    Quitting at once abandons the jobs in flight: their claims are re-queued
+    when the store is next opened (at-least-once delivery).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            click.echo("quitting now; the jobs in flight run again at the next open", err=True)
+            os._exit(130)
+        stop.set()
+        click.echo(f"stopping: {draining} (Ctrl-C again to quit now)", err=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    return stop
 
 
 def _table(title: str, columns: list[str], rows: Iterator[list[Any]] | list[list[Any]]) -> None:
@@ -239,19 +266,23 @@ def demo(directory: Path | None, workers: int, store: str) -> None:
 
     def on_start(total: int, done: int, resumed: bool) -> Callable[[int], None]:
         word = "resuming" if resumed else "starting"
-        console.print(f"{word}: {total} files under {root} ({done} already done), store {store}")
+        console.print(f"{word}: {total} files under {root} ({done} already done), store {store}", soft_wrap=True)
         task = progress.add_task("files", total=total, completed=done)
         progress.start()
         return lambda left: progress.update(task, completed=total - left)
 
     async def go() -> Any:
-        async with opened(store) as q:
+        stop = stop_on_signals("storing the files in flight")
+        async with opened(store, ephemeral_ok=True) as q:
             try:
-                return await run_demo(q, root, workers, on_start)
+                return await run_demo(q, root, workers, on_start, stop)
             finally:
                 progress.stop()
 
     summary = run(go())
+    if summary is None:
+        console.print("interrupted: run the same command again to resume", soft_wrap=True)
+        sys.exit(130)
     if summary.dead:
         console.print(f"[yellow]{summary.dead} files could not be read (dead-lettered)")
     for line in summary.lines_out():
@@ -276,7 +307,12 @@ JOB_COLUMNS = ["id", "status", "priority", "attempts", "last_error", "payload"]
 def _job_row(row: dict[str, Any]) -> list[str]:
     cells = dict(row, attempts=f"{row['attempts']}/{row['max_attempts']}")
     cells.setdefault("payload", "base64:" + row.get("payload_base64", ""))
-    return ["" if cells[c] is None else str(cells[c])[:40] for c in JOB_COLUMNS]
+    return ["" if cells[c] is None else _printable(str(cells[c]))[:40] for c in JOB_COLUMNS]
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a table stays aligned."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _print_jobs(

@@ -162,27 +162,33 @@ class Demo:
         stats = await self.queue.stats(self.queue_name)
         return stats.pending + stats.scheduled + stats.claimed
 
-    async def work(self, workers: int, progress: Callable[[int], None]) -> int:
-        """Run ``workers`` handlers until nothing is left; returns jobs settled here."""
+    async def work(
+        self, workers: int, progress: Callable[[int], None], stop: asyncio.Event
+    ) -> tuple[int, bool]:
+        """Run ``workers`` handlers until nothing is left or ``stop`` is set.
+
+        Returns the jobs settled here and whether the run finished.
+        """
         shutdown = asyncio.Event()
         task = asyncio.create_task(
             run_worker_concurrent(
                 self.queue, self.queue_name, self.handle, concurrency=workers, poll_interval=0.2, shutdown=shutdown
             )
         )
+        finished = False
         try:
-            while not task.done():
+            while not task.done() and not stop.is_set():
                 left = await self.remaining()
                 progress(left)
                 if left == 0:
-                    shutdown.set()
+                    finished = True
                     break
                 await asyncio.wait({task}, timeout=0.1)
-            stats = await task
         finally:
             shutdown.set()
-        progress(0)
-        return stats.processed
+            stats = await task
+        progress(await self.remaining())
+        return stats.processed, finished
 
     async def summary(self, jobs: int, seconds: float) -> DemoSummary:
         """Totals over every result of this run, and mark the run complete."""
@@ -205,11 +211,14 @@ async def run_demo(
     root: Path,
     workers: int,
     on_start: Callable[[int, int, bool], Callable[[int], None]],
-) -> DemoSummary:
-    """Run (or resume) the demo over ``root``.
+    stop: asyncio.Event | None = None,
+) -> DemoSummary | None:
+    """Run (or resume) the demo over ``root``; ``None`` when ``stop`` interrupted it.
 
     ``on_start(total_files, already_done, resumed)`` returns the progress
-    callback, called with the number of jobs left.
+    callback, called with the number of jobs left.  Once ``stop`` is set no
+    new file is started; files in flight finish and are stored, and the next
+    run resumes.
     """
     demo = Demo(queue, root)
     resumed = await demo.start_run()
@@ -218,5 +227,7 @@ async def run_demo(
     done_before = len(await demo.scan(demo._run_key("result")))
     progress = on_start(len(files), done_before, resumed)
     started = time.perf_counter()
-    jobs = await demo.work(workers, progress)
+    jobs, finished = await demo.work(workers, progress, stop or asyncio.Event())
+    if not finished:
+        return None
     return await demo.summary(jobs, time.perf_counter() - started)

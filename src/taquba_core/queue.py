@@ -105,6 +105,18 @@ class WaitOutcome:
     record: JobRecord | None = None
 
 
+def _job_status(status: object) -> JobStatus:
+    """A :class:`JobStatus` from itself or its name in any case (``"pending"``, ``"Pending"``)."""
+    if isinstance(status, JobStatus):
+        return status
+    if isinstance(status, str):
+        for member in JobStatus:
+            if status.lower() == member.value.lower():
+                return member
+    names = ", ".join(m.value.lower() for m in JobStatus)
+    raise InvalidArgument(f"unknown job status {status!r}; expected one of {names}")
+
+
 def _check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or not job_id or not _encodable(job_id):
         raise InvalidArgument(f"job id must be a non-empty str of valid UTF-8, got {job_id!r}")
@@ -881,7 +893,7 @@ class Queue:
     async def list_jobs(
         self, queue: str, status: JobStatus | str, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[JobRecord], str | None]:
-        """A page of ``queue``'s jobs in ``status``, in that space's order.
+        """A page of ``queue``'s jobs in ``status`` (a :class:`JobStatus` or its name, any case).
 
         Pending in claim order, scheduled by ``run_at``, claimed by lease
         expiry, done by completion time, dead by id.  Returns the page and an
@@ -889,10 +901,7 @@ class Queue:
         """
         keys.validate_queue_name(queue)
         check_positive_int("limit", limit)
-        try:
-            state = JobStatus(status)
-        except ValueError:
-            raise InvalidArgument(f"unknown job status {status!r}") from None
+        state = _job_status(status)
         try:
             after = None if cursor is None else bytes.fromhex(cursor)
         except (ValueError, TypeError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .errors import CancelRequested, ClaimLost, StoreFenced, TaqubaError
 from .queue import Queue
-from .record import JobRecord
+from .record import JobRecord, JobStatus
 
 log = logging.getLogger("taquba.worker")
 
@@ -47,7 +47,11 @@ class AckWith:
 
 @dataclass
 class WorkerStats:
-    """What a worker loop did: settlements by kind, and settlements that found their claim gone."""
+    """What a worker loop did: settlements by kind, and settlements that found their claim gone.
+
+    ``nacked`` counts failures that will be retried; ``dead_lettered`` counts
+    both ``PermanentFailure`` and failures that used up the job's attempts.
+    """
 
     acked: int = 0
     nacked: int = 0
@@ -93,6 +97,19 @@ async def _keep_lease(queue: Queue, job: JobRecord, lease: float | None, wait_fi
             if exc.is_permanent:
                 return
             log.warning("job %s: lease renewal failed, will retry: %s", job.id, exc)
+
+
+def _count_failure(stats: WorkerStats, job: JobRecord, settled: JobRecord, error: str) -> None:
+    """Count and log a nack by what it became: a retry, or a dead letter when attempts ran out."""
+    if settled.status is JobStatus.DEAD:
+        stats.dead_lettered += 1
+        log.warning(
+            "job %s of %r dead-lettered after %d/%d attempts: %s",
+            job.id, job.queue, job.attempts, job.max_attempts, error,
+        )  # fmt: skip
+    else:
+        stats.nacked += 1
+        log.warning("job %s of %r attempt %d/%d failed, will retry: %s", job.id, job.queue, job.attempts, job.max_attempts, error)
 
 
 async def process_one(
@@ -142,10 +159,10 @@ async def process_one(
         elif kind == "dead":
             await queue.dead_letter(job, str(value))
             stats.dead_lettered += 1
+            log.warning("job %s of %r dead-lettered (permanent failure): %s", job.id, job.queue, value)
         else:
-            log.info("job %s attempt %d failed: %s", job.id, job.attempts, value)
-            await queue.nack(job, str(value))
-            stats.nacked += 1
+            settled = await queue.nack(job, str(value))
+            _count_failure(stats, job, settled, str(value))
     except ClaimLost as exc:
         stats.claims_lost += 1
         log.warning("job %s: settlement skipped: %s", job.id, exc)

@@ -487,3 +487,13 @@ async def test_unknown_enqueue_option_is_a_typed_error(queue) -> None:
     with pytest.raises(InvalidArgument, match="priorty"):
         await queue.enqueue_batch("q", [b"x"], priorty=5)  # type: ignore[call-arg]
     assert await dump_store(queue.store) == before
+
+
+@pytest.mark.parametrize("seconds", [0.0004, 1e13])
+async def test_durations_that_round_to_zero_or_overflow_are_refused(queue, seconds: float) -> None:
+    before = await dump_store(queue.store)
+    with pytest.raises(InvalidArgument, match=repr(seconds)):
+        await queue.claim("q", lease=seconds)
+    with pytest.raises(InvalidArgument, match=repr(seconds)):
+        QueueConfig(lease=seconds)
+    assert await dump_store(queue.store) == before

@@ -22,19 +22,27 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+MAX_DURATION_S = 1e12
+"""Longest duration accepted, in seconds: far below the 20-digit time keys' range."""
+
+
 def seconds_to_ms(name: str, seconds: object, *, allow_zero: bool = True) -> int:
     """Convert a duration in seconds (int or float) to integer milliseconds.
 
     Raises:
-        InvalidArgument: for non-numbers, NaN, infinities, negative values (and
-        zero when ``allow_zero`` is false), naming ``name`` and the value.
+        InvalidArgument: for non-numbers, NaN, infinities, negative values,
+        values above ``MAX_DURATION_S`` (about 31,000 years) and, when
+        ``allow_zero`` is false, values that round to 0 ms; the message names
+        ``name`` and the value.
     """
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise InvalidArgument(f"{name} must be a number of seconds, got {seconds!r}")
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise InvalidArgument(f"{name} must be a finite number of seconds {bound}, got {seconds!r}")
-    return int(round(seconds * 1000))
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DURATION_S:
+        raise InvalidArgument(f"{name} must be a finite number of seconds in 0..{MAX_DURATION_S:.0e}, got {seconds!r}")
+    ms = int(round(seconds * 1000))
+    if ms == 0 and not allow_zero:
+        raise InvalidArgument(f"{name} must be at least 0.001 seconds (1 ms), got {seconds!r}")
+    return ms
 
 
 @dataclass(frozen=True)

@@ -521,6 +521,10 @@ class Queue:
             finally:
                 self._cursors.end(prefix, last)
         await self._wait_durable(durability)
+        if not jobs:
+            # An empty claim may complete without suspending (no I/O); yield,
+            # so that a caller polling in a loop cannot starve the sweeps.
+            await asyncio.sleep(0)
         for job in jobs:
             # setdefault: a cancel() that ran between the commit and here has
             # already created (and set) the signal.
@@ -840,7 +844,8 @@ class Queue:
         waiters may wait on one id.  Returns ``NOT_FOUND`` when the id is
         unknown at the call (an acked job whose record was not kept is
         unknown), ``COMPLETED`` with the terminal record when one is kept
-        (or ``None`` when not), or ``TIMED_OUT``.
+        (or ``None`` when not), or ``TIMED_OUT`` (also when the queue is
+        closed while waiting, as :meth:`claim_with_wait` returns ``None``).
         """
         _check_job_id(job_id)
         wait_ms = seconds_to_ms("timeout", timeout)
@@ -861,6 +866,8 @@ class Queue:
                 self._completed.discard(job_id, waiter)
                 return WaitOutcome(WaitStatus.TIMED_OUT)
             await self._completed.wait(job_id, waiter, remaining)
+            if self._closed:
+                return WaitOutcome(WaitStatus.TIMED_OUT)
 
     # -- dead letters and listings ------------------------------------------
 

@@ -762,3 +762,21 @@ async def test_wait_for_completion_times_out_when_the_queue_closes(make_queue) -
     await asyncio.sleep(0)
     await queue.close()
     assert (await waiting).status is WaitStatus.TIMED_OUT
+
+
+async def test_cancel_racing_a_settlement_leaves_no_signal_behind(queue) -> None:
+    for trial in range(40):
+        job_id = await queue.enqueue("q", b"x")
+        job = await queue.claim("q")
+
+        async def settle() -> None:
+            for _ in range(trial % 4):
+                await asyncio.sleep(0)
+            await queue.dead_letter(job, "boom")
+
+        await asyncio.gather(queue.cancel(job_id), settle())
+        assert job_id not in queue._cancel_signals
+        await queue.requeue_dead_job(job_id)
+        again = await queue.claim("q")
+        assert again.cancellation.is_set() == again.cancel_requested
+        await queue.ack(again)

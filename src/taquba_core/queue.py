@@ -511,23 +511,33 @@ class Queue:
             # (a later durable commit implies this one).
             after = self._cursors.begin(prefix)
             last = None
+            registered: set[str] = set()
+
+            async def step(txn: Transaction) -> list[JobRecord]:
+                jobs = await transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after)
+                # Each claim's cancel signal exists before its commit, so a
+                # cancel() landing right after the commit finds and sets it.
+                for job in jobs:
+                    if job.id not in self._cancel_signals:
+                        self._cancel_signals[job.id] = asyncio.Event()
+                        registered.add(job.id)
+                return jobs
+
+            jobs: list[JobRecord] = []
             try:
-                jobs, durability = await self._transact(
-                    lambda txn: transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after),
-                    durable=False,
-                )
+                jobs, durability = await self._transact(step, durable=False)
                 if jobs:
                     last = keys.pending_key(queue, jobs[-1].priority, jobs[-1].id)
             finally:
                 self._cursors.end(prefix, last)
+                for job_id in registered.difference(job.id for job in jobs):
+                    self._cancel_signals.pop(job_id, None)  # from an attempt that did not commit
         await self._wait_durable(durability)
         if not jobs:
             # An empty claim may complete without suspending (no I/O); yield,
             # so that a caller polling in a loop cannot starve the sweeps.
             await asyncio.sleep(0)
         for job in jobs:
-            # setdefault: a cancel() that ran between the commit and here has
-            # already created (and set) the signal.
             job.cancellation = self._cancel_signals.setdefault(job.id, asyncio.Event())
             if job.cancel_requested:
                 job.cancellation.set()
@@ -832,7 +842,9 @@ class Queue:
         if job is None:
             return CancelOutcome.NOT_FOUND
         if job.status is JobStatus.CLAIMED:
-            self._cancel_signals.setdefault(job_id, asyncio.Event()).set()
+            signal = self._cancel_signals.get(job_id)
+            if signal is not None:  # absent: the claim ended meanwhile, or another process holds it
+                signal.set()
             return CancelOutcome.REQUESTED
         self._completed.notify(job_id)
         return CancelOutcome.REMOVED

@@ -413,3 +413,86 @@ async def test_claim_committed_during_a_reap_is_not_skipped(
         await check_invariants(store.inner)
     finally:
         await queue.close()
+
+
+async def test_a_key_visible_to_a_reader_is_never_skipped_by_the_next_claim(make_queue) -> None:
+    # A watcher sees a nacked job back in pending (the commit is visible
+    # before the nack call returns) and claims at once: the claim must find it.
+    queue = await make_queue(config=QueueConfig(backoff_base=0))
+    for _ in range(30):
+        urgent = (await queue.enqueue_with("q", b"urgent", priority=0)).id
+        job = await queue.claim("q")
+        assert job is not None and job.id == urgent
+        for _ in range(2):
+            await queue.enqueue_with("q", b"filler", priority=1000)
+        filler = await queue.claim("q")  # the cursor moves past priority 0
+        assert filler is not None
+        await queue.ack(filler)
+
+        async def watcher() -> JobRecord | None:
+            while (await queue.get_job(urgent)).status is not JobStatus.PENDING:
+                await asyncio.sleep(0)
+            return await queue.claim("q")
+
+        watching = asyncio.create_task(watcher())
+        await asyncio.sleep(0)
+        await queue.nack(job, "retry")
+        got = await watching
+        assert got is not None and got.id == urgent
+        for leftover in [got, await queue.claim("q")]:
+            if leftover is not None:
+                await queue.ack(leftover)
+
+
+class _HoldingTransaction(_PausingTransaction):
+    """Holds its commit (before it reaches the store) while the store's ``hold`` is set and it wrote ``hold_prefix``."""
+
+    def __init__(self, inner: Transaction, store: "HoldingStore") -> None:
+        super().__init__(inner, store)
+        self.wrote_held = False
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        if key.startswith(self.store.hold_prefix):
+            self.wrote_held = True
+        await self.inner.put(key, value)
+
+    async def commit(self, *, durable: bool = True) -> Durability:
+        if self.wrote_held and self.store.hold.is_set():
+            self.store.holding.set()
+            await self.store.release.wait()
+        return await self.inner.commit(durable=durable)
+
+
+class HoldingStore(PausingStore):
+    def __init__(self, inner: KVStore, hold_prefix: bytes) -> None:
+        super().__init__(inner)
+        self.hold_prefix = hold_prefix
+        self.hold = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def begin(self) -> Transaction:
+        return _HoldingTransaction(await self.inner.begin(), self)
+
+
+async def test_a_key_committed_after_a_claims_snapshot_is_not_skipped(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    """A writer that has announced its key but commits after a claim's snapshot:
+    the claim must not move the cursor past the key."""
+    store = HoldingStore(await store_factory(), keys.pending_key("q", 0, ""))
+    queue = await Queue.open(store, clock=ManualClock(), background=False)
+    try:
+        normal = [await queue.enqueue("q", b"%d" % i) for i in range(3)]
+        assert await claim_id(queue) == normal[0]
+        store.hold.set()
+        urgent = asyncio.create_task(queue.enqueue_with("q", b"urgent", priority=0))
+        await store.holding.wait()  # announced, not committed
+        store.hold.clear()
+        assert await claim_id(queue) == normal[1]  # its snapshot cannot see the urgent job
+        store.release.set()
+        urgent_id = (await urgent).id
+        assert await claim_id(queue) == urgent_id
+        assert await claim_id(queue) == normal[2]
+    finally:
+        await queue.close()

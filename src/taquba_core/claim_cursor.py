@@ -15,26 +15,24 @@ The ranges, by the prefix a key starts with:
 * ``scheduled:`` — used by promotion;
 * ``claimed:`` — used by reaping and by the recovery at open.
 
-Invariant (per range): every live key is above ``after``, except keys whose
-writing transaction has committed but not reported yet (see
-:meth:`ScanCursors.written`); each such key is reported a moment later,
-which lowers ``after`` below it.  A key that is not yet reported belongs to
-a call that has not returned, so a scan that does not see it is ordered
-before that call.
+Invariant (per range): every live key is above ``after``.
 
-* ``written(keys)`` — called by the queue after every commit attempt that
-  put keys in these ranges (including one that failed in an unknown state):
-  lowers ``after`` to just below the lowest of them.  This covers every way
-  a key lands at or behind a cursor: a higher-priority enqueue, promotion, a
-  nack without backoff, an expired claim, a requeued dead job, enqueues
-  whose commits finish out of id order, a short lease or backoff, a clock
-  that went back.
+* ``written(keys)`` — called by the queue *before* every commit that puts
+  keys in these ranges: lowers ``after`` to just below the lowest of them,
+  so the key is never visible below the cursor (a reader that sees it, then
+  claims, finds it).  The keys stay *in flight* until ``settled(keys)``,
+  called once the commit attempt ended, whatever its outcome.  This covers
+  every way a key lands at or behind a cursor: a higher-priority enqueue,
+  promotion, a nack without backoff, an expired claim, a requeued dead job,
+  enqueues whose commits finish out of id order, a short lease or backoff,
+  a clock that went back.
 * ``begin(prefix)`` / ``end(prefix, last)`` — bracket one scan that takes
   (deletes) every key it reads, under a lock so that scans of one range never
-  overlap.  ``end`` moves ``after`` to the last key the scan took, but not
-  above any key reported while the scan ran: such a key may have committed
-  after the scan's snapshot was taken, so the scan could not see it.  A key
-  reported after ``end`` lowers ``after`` itself.
+  overlap.  The scan reads ``after(prefix)`` once its snapshot is taken (so
+  every key in the snapshot was written, and ``after`` lowered, before).
+  ``end`` moves ``after`` to the last key the scan took, but not above a key
+  that may have committed after the scan's snapshot, which the scan could
+  not see: a key in flight when the scan began, or written while it ran.
 
 A cursor is only ever a hint that can be too low (a longer scan), never too
 high: moving it up requires a scan that saw and took every key below.
@@ -48,12 +46,13 @@ from .keys import CLAIMED, PENDING, SCHEDULED
 
 
 class _Cursor:
-    __slots__ = ("after", "floor", "scanning")
+    __slots__ = ("after", "floor", "scanning", "in_flight")
 
     def __init__(self) -> None:
         self.after: bytes | None = None  # scan start (exclusive); None: from the beginning
-        self.floor: bytes | None = None  # lowest report during the running scan
+        self.floor: bytes | None = None  # lowest key the running scan may not have seen
         self.scanning = False
+        self.in_flight: dict[bytes, int] = {}  # keys written, commit not ended: how many times
 
 
 def range_of(key: bytes) -> bytes | None:
@@ -77,13 +76,17 @@ class ScanCursors:
     def __init__(self) -> None:
         self._cursors: dict[bytes, _Cursor] = {}
 
-    def begin(self, prefix: bytes) -> bytes | None:
-        """A scan of ``prefix`` starts: where it starts (exclusive), or ``None`` for the beginning."""
+    def _cursor(self, prefix: bytes) -> _Cursor:
         cursor = self._cursors.get(prefix)
         if cursor is None:
             cursor = self._cursors[prefix] = _Cursor()
+        return cursor
+
+    def begin(self, prefix: bytes) -> bytes | None:
+        """A scan of ``prefix`` starts; returns ``after`` (read it again once the snapshot is taken)."""
+        cursor = self._cursor(prefix)
         cursor.scanning = True
-        cursor.floor = None
+        cursor.floor = min(cursor.in_flight) if cursor.in_flight else None
         return cursor.after
 
     def end(self, prefix: bytes, last: bytes | None) -> None:
@@ -96,17 +99,32 @@ class ScanCursors:
         cursor.floor = None
 
     def written(self, keys: Iterable[bytes]) -> None:
-        """``keys`` were (or may have been) committed: lower the cursors below them."""
+        """``keys`` are about to be committed: lower the cursors below them; they are in flight."""
         for key in keys:
             prefix = range_of(key)
-            cursor = None if prefix is None else self._cursors.get(prefix)
-            if cursor is None:
-                continue  # nothing has scanned this range yet: it starts from the beginning anyway
+            if prefix is None:
+                continue
+            cursor = self._cursor(prefix)
             below = key[:-1]  # sorts before ``key`` and after every key below it
             if cursor.after is not None and below < cursor.after:
                 cursor.after = below
             if cursor.scanning and (cursor.floor is None or below < cursor.floor):
                 cursor.floor = below
+            cursor.in_flight[below] = cursor.in_flight.get(below, 0) + 1
+
+    def settled(self, keys: Iterable[bytes]) -> None:
+        """The commit that wrote ``keys`` ended (applied, refused or failed): they are no longer in flight."""
+        for key in keys:
+            prefix = range_of(key)
+            cursor = None if prefix is None else self._cursors.get(prefix)
+            if cursor is None:
+                continue
+            below = key[:-1]
+            left = cursor.in_flight.get(below, 0) - 1
+            if left > 0:
+                cursor.in_flight[below] = left
+            else:
+                cursor.in_flight.pop(below, None)
 
     def after(self, prefix: bytes) -> bytes | None:
         """The current scan start of ``prefix`` (for tests and benchmarks)."""

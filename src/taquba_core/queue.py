@@ -218,7 +218,10 @@ class Queue:
         self._cursors = ScanCursors()
         self._sweep_locks: dict[bytes, asyncio.Lock] = {}
         # Enqueues and acks of concurrent callers share transactions (see combine.py).
-        self._combiner = Combiner(lambda step: self._transact(step, durable=False), self._wait_durable)
+        syncs = type(store).sync is not KVStore.sync  # the default has nothing to wait for
+        self._combiner = Combiner(
+            lambda step: self._transact(step, durable=False), self._wait_durable, store.sync if syncs else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._dead_cursors: dict[str, bytes | None] = {}
         self._counters = CounterMirror()
@@ -335,6 +338,10 @@ class Queue:
             except BaseException:
                 await txn.rollback()
                 raise
+            if txn.scan_keys:
+                # Before the commit: once committed, the keys are visible to
+                # other transactions, and a cursor too low is only a longer scan.
+                self._cursors.written(txn.scan_keys)
             self._counters.commit_started()
             try:
                 durability = await txn.commit(durable=durable)
@@ -344,12 +351,11 @@ class Queue:
                 continue
             except BaseException:
                 self._counters.commit_ended(None)  # the outcome is unknown: re-read the counters
-                if txn.scan_keys:
-                    self._cursors.written(txn.scan_keys)  # the commit may have applied
                 raise
+            finally:
+                if txn.scan_keys:
+                    self._cursors.settled(txn.scan_keys)  # no longer in flight (see claim_cursor.py)
             self._counters.commit_ended(txn.deltas)
-            if txn.scan_keys:
-                self._cursors.written(txn.scan_keys)
             return result, durability
         raise Contention(f"gave up after {MAX_CONFLICT_RETRIES} write conflicts; retry later")
 
@@ -509,11 +515,14 @@ class Queue:
             # Under the lock only the commit; the wait for durability runs
             # outside it, so the next claim need not wait for this WAL flush
             # (a later durable commit implies this one).
-            after = self._cursors.begin(prefix)
+            self._cursors.begin(prefix)
             last = None
             registered: set[str] = set()
 
             async def step(txn: Transaction) -> list[JobRecord]:
+                # Read the cursor after the snapshot was taken: every key in
+                # the snapshot was reported (lowering it) before it committed.
+                after = self._cursors.after(prefix)
                 jobs = await transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after)
                 # Each claim's cancel signal exists before its commit, so a
                 # cancel() landing right after the commit finds and sets it.
@@ -665,10 +674,11 @@ class Queue:
         moved: list[JobRecord] = []
         async with self._sweep_locks.setdefault(space, asyncio.Lock()):
             while True:
-                after = self._cursors.begin(space)
+                self._cursors.begin(space)
                 last = None
                 try:
-                    batch, last = await self._run(lambda txn: step(txn, after), durable=False)
+                    # The cursor is read inside the step, after the snapshot (see claim_batch).
+                    batch, last = await self._run(lambda txn: step(txn, self._cursors.after(space)), durable=False)
                 finally:
                     self._cursors.end(space, last)
                 moved.extend(batch)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from taquba_backends import open_store
-from taquba_core import InvalidStoreUrl, Queue, ReadOnlyStore, StoreError
+from taquba_core import InvalidStoreUrl, Queue, ReadOnlyStore, StoreError, keys
 
 from queue_helpers import dump_store
 
@@ -42,3 +44,25 @@ async def test_reading_a_missing_store_creates_nothing(tmp_path) -> None:
 async def test_read_only_needs_a_persistent_store(url: str) -> None:
     with pytest.raises(InvalidStoreUrl, match="persistent"):
         await open_store(url, read_only=True)
+
+
+async def test_a_dedup_hit_returns_only_once_the_job_it_names_is_durable(tmp_path) -> None:
+    # The hit reads the first enqueue's commit, which may not be durable yet;
+    # a read-only view sees only durable data.
+    url = f"file://{tmp_path / 'store'}"
+    queue = await Queue.open(await open_store(url), background=False)
+    try:
+        for i in range(10):
+            first = asyncio.create_task(queue.enqueue_with("q", b"x", dedup_key=f"k{i}"))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            hit = await queue.enqueue_with("q", b"x", dedup_key=f"k{i}")
+            view = await open_store(url, read_only=True)
+            try:
+                txn = await view.begin()
+                assert await txn.get(keys.jobindex_key(hit.id)) is not None, f"round {i}: {hit}"
+            finally:
+                await view.close()
+            assert (await first).id == hit.id
+    finally:
+        await queue.close()

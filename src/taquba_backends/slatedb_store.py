@@ -10,10 +10,12 @@ Accepted URLs (see :func:`parse_slatedb_url`):
 
 Every URL may carry ``?flush_interval_ms=N``: how often SlateDB writes its
 write-ahead log to the object store, in milliseconds.  A durable commit waits
-for the next flush, so this bounds one sequential caller to about
-``1000 / N`` commits a second, while concurrent callers share a flush (group
-commit).  Defaults: 5 ms for ``memory://`` and ``file://``, 50 ms for cloud
-schemes (each flush is a PUT request).
+for the next flush, so on cloud stores this bounds one sequential caller to
+about ``1000 / N`` commits a second, while concurrent callers share a flush
+(group commit).  On ``memory://`` and ``file://`` a durable commit asks for
+the flush at once instead (see :class:`SlateDBStore`, ``eager_flush``).
+Defaults: 5 ms for ``memory://`` and ``file://``, 50 ms for cloud schemes
+(each flush is a PUT request).
 
 S3 is configured from the environment, the way the ``object_store`` crate
 reads it: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
@@ -300,6 +302,15 @@ class SlateDBStore(KVStore):
             raise self._fenced_error()
         if self._closed:
             raise StoreClosed(f"store {self.url} is closed")
+
+    async def sync(self) -> None:
+        """Flush the WAL, so that every commit visible to reads is durable.
+
+        Raises:
+            StoreFenced, StoreClosed, StoreError: as for a commit.
+        """
+        self._check_usable()
+        await self._call(self._db.flush_with_options(WAL_FLUSH))
 
     def _want_flush(self) -> None:
         """Ask for a WAL flush soon (``eager_flush``): now, or right after the running one."""

@@ -41,6 +41,18 @@ MAX_GROUP = 256
 """Most steps in one transaction."""
 
 
+class _Synced(Durability):
+    """The durability of a write-less commit: everything it could read is durable."""
+
+    __slots__ = ("_sync",)
+
+    def __init__(self, sync: Callable[[], Awaitable[None]]) -> None:
+        self._sync = sync
+
+    async def wait(self) -> None:
+        await self._sync()
+
+
 class _MemberFailed(Exception):
     def __init__(self, index: int, error: BaseException) -> None:
         super().__init__(index)
@@ -56,9 +68,16 @@ class Combiner:
     durability)``; ``wait_durable(durability)`` waits for it.
     """
 
-    def __init__(self, transact: Transact, wait_durable: WaitDurable, max_group: int = MAX_GROUP) -> None:
+    def __init__(
+        self,
+        transact: Transact,
+        wait_durable: WaitDurable,
+        sync: Callable[[], Awaitable[None]] | None = None,
+        max_group: int = MAX_GROUP,
+    ) -> None:
         self._transact = transact
         self._wait_durable = wait_durable
+        self._sync = sync
         self._max_group = max_group
         self._waiting: list[tuple[Step, asyncio.Future[Any]]] = []
         self._draining = False
@@ -118,6 +137,11 @@ class Combiner:
                 if not isinstance(exc, Exception):
                     raise
                 return
+            if durability is DURABLE and self._sync is not None:
+                # Nothing was written (every member was a dedup hit), so the
+                # commit has no durability of its own, but what the members
+                # read may be a commit still on its way: wait for that.
+                durability = _Synced(self._sync)
             if durability is DURABLE:
                 _deliver(group, results)
             else:

@@ -121,6 +121,15 @@ class KVStore(ABC):
     async def begin(self) -> Transaction:
         """Start a snapshot-isolated transaction."""
 
+    async def sync(self) -> None:
+        """Return once every commit that a transaction can already read is durable.
+
+        A transaction that wrote nothing gets no durability of its own, yet
+        what it read may belong to a commit still on its way to durability;
+        a caller that answers from such a read (a dedup hit) syncs first.
+        The default suits stores whose commits are durable when visible.
+        """
+
     @abstractmethod
     async def close(self) -> None:
         """Flush and release the store; later calls fail."""

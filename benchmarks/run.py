@@ -28,19 +28,19 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "keys": 20_000,
         "scans": {
-            "promote_sizes": [100, 1_000, 10_000],
+            "promote_sizes": [100, 1_000, 10_000, 100_000],
             "claim_sizes": [0, 10_000],
             "claim_rounds": 100,
             "compare_cursor": False,
             "dead_depth": 10_000,
-            "reps": 5,
+            "reps": 9,
         },
         "throughput": {
             "stores": ["file"],
             "payloads": [64],
             "concurrency": [256],
             "jobs": {256: 4_000},
-            "target_repeats": 3,
+            "target_repeats": 5,
             "stock_ceiling": True,
         },
         "peers": False,
@@ -61,7 +61,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "payloads": [64, 16_384],
             "concurrency": [1, 16, 256],
             "jobs": {1: 1_000, 16: 10_000, 256: 10_000},
-            "target_repeats": 3,
+            "target_repeats": 5,
             "stock_ceiling": True,
         },
         "peers": True,
@@ -275,21 +275,35 @@ def append_results(entry: str) -> None:
 
 README_BEGIN = "<!-- performance:begin (written by `make bench`) -->"
 README_END = "<!-- performance:end -->"
+README_TABLES = ("**Targets", "**End to end", "**Engine ceiling", "**Peers", "**Memory")
+"""The tables of a full run the README quotes (the others are in RESULTS.md)."""
 
 
-def update_readme(env: dict[str, Any], tables: list[Table], targets: list[Target]) -> None:
+def update_readme_from_results() -> bool:
+    """Quote the latest full entry of RESULTS.md in README.md's Performance section."""
     text = README.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return
+    if README_BEGIN not in text or README_END not in text or not RESULTS.exists():
+        return False
+    entries = re.split(r"(?m)^(?=## )", RESULTS.read_text())
+    full = [e for e in entries if e.startswith("## ") and "profile `full`" in e.splitlines()[0]]
+    if not full:
+        return False
+    entry = full[-1]
+    head = entry.splitlines()[0][3:]
+    date, _, rest = head.partition(" — profile `full` — ")
+    machine = next((line[len("- machine: "):] for line in entry.splitlines() if line.startswith("- machine: ")), "")
+    command = next((line[len("- command: "):] for line in entry.splitlines() if line.startswith("- command: ")), "")
+    blocks = [b.strip() for b in re.split(r"\n\s*\n(?=\*\*)", entry) if b.strip().startswith(README_TABLES)]
+    blocks.sort(key=lambda b: next(i for i, t in enumerate(README_TABLES) if b.startswith(t)))
     body = [README_BEGIN, "",
-            f"Latest full run: {env['date']}, commit {env['commit']}, {env['cores']} cores / "
-            f"{env['ram_gib']} GiB / {env['cpu']}, Python {env['python'].split()[0]} "
-            f"(entry in [benchmarks/RESULTS.md](benchmarks/RESULTS.md)).", ""]
-    for table in [*tables, targets_table(targets)]:
-        body += [table.markdown(), ""]
+            f"Latest full run ({command}): {date}, {rest}; {machine}.  Every entry, with the "
+            "key-ordering tables, is in [benchmarks/RESULTS.md](benchmarks/RESULTS.md).", ""]
+    for block in blocks:
+        body += [block, ""]
     body.append(README_END)
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
     README.write_text(pattern.sub(lambda _: "\n".join(body), text))
+    return True
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -303,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="skip huey and procrastinate")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's Performance section")
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only rewrite README.md's Performance section from the latest full entry of RESULTS.md")
     args = parser.parse_args(argv)
+    if args.readme_only:
+        return 0 if update_readme_from_results() else 1
     profile = PROFILES[args.profile]
     only = set(args.only.split(","))
     with_peers = profile["peers"] and not args.no_peers and "throughput" in only
@@ -311,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     if args.profile == "quick":
         skipped.append("peers (huey, procrastinate): run `make bench` for them")
-        skipped.append("smaller sizes: promotion/reaping N up to 10k, claims after M up to 10k, dead page after 10k, "
-                       "memory with 20k jobs; throughput only file:// 64 B x256 (the ceiling target)")
+        skipped.append("smaller sizes: claims after M up to 10k (not 100k), dead page after 10k (not 100k), "
+                       "memory with 20k jobs (not 100k), keys 20k per space (not 100k); throughput only "
+                       "file:// 64 B x256 (the ceiling target)")
     elif not with_peers:
         skipped.append("peers (huey, procrastinate)")
     for note in skipped:
@@ -357,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_results:
         append_results(results_entry(args.profile, env, params, command, tables, targets, elapsed, skipped))
         log(f"appended to {RESULTS.relative_to(RESULTS.parent.parent)}")
-    if args.profile == "full" and not args.no_readme and only == {"keys", "scans", "throughput", "memory"}:
-        update_readme(env, tables, targets)
-        log("README.md Performance section updated")
+    if args.profile == "full" and not args.no_readme and not args.no_results and only == {"keys", "scans", "throughput", "memory"}:
+        if update_readme_from_results():
+            log("README.md Performance section updated")
     missed = [t for t in targets if t.ok is False]
     log(f"{len(targets) - len(missed)} of {len(targets)} targets met in {elapsed / 60:.1f} min")
     for t in missed:

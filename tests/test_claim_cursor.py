@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 from collections.abc import Awaitable, Callable
 
 from queue_helpers import check_invariants, dump_store
 from taquba_core import KVStore, ManualClock, Queue, QueueConfig, keys, transitions
-from taquba_core.kv import Durability, Transaction
+from taquba_core.kv import Durability, ForwardingStore, ForwardingTransaction, Transaction
 from taquba_core.record import JobStatus
 
 PREFIX = keys.pending_prefix("q")
@@ -157,53 +158,31 @@ async def test_commit_out_of_id_order(queue: Queue) -> None:
 # -- a key committed while a claim is in flight --------------------------------
 
 
-class _PausingTransaction(Transaction):
+class _PausingTransaction(ForwardingTransaction):
     def __init__(self, inner: Transaction, store: "PausingStore") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
 
-    async def get(self, key: bytes) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def scan(self, prefix: bytes, **kwargs: object) -> list[tuple[bytes, bytes]]:
-        rows = await self.inner.scan(prefix, **kwargs)  # type: ignore[arg-type]
+    async def scan(self, prefix: bytes, **kwargs: Any) -> list[tuple[bytes, bytes]]:
+        rows = await self.inner.scan(prefix, **kwargs)
         if prefix == PREFIX and self.store.armed:
             self.store.armed = False
             self.store.scanned.set()
             await self.store.resume.wait()
         return rows
 
-    async def put(self, key: bytes, value: bytes) -> None:
-        await self.inner.put(key, value)
 
-    async def delete(self, key: bytes) -> None:
-        await self.inner.delete(key)
-
-    async def merge_counter(self, key: bytes, delta: int) -> None:
-        await self.inner.merge_counter(key, delta)
-
-    async def commit(self, *, durable: bool = True) -> Durability:
-        return await self.inner.commit(durable=durable)
-
-    async def rollback(self) -> None:
-        await self.inner.rollback()
-
-
-class PausingStore(KVStore):
+class PausingStore(ForwardingStore):
     """Wraps a store; when armed, the next scan of ``pending:q:`` waits for ``resume`` after reading."""
 
     def __init__(self, inner: KVStore) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.armed = False
         self.scanned = asyncio.Event()
         self.resume = asyncio.Event()
 
-    async def begin(self) -> Transaction:
-        return _PausingTransaction(await self.inner.begin(), self)
-
-    async def close(self) -> None:
-        await self.inner.close()
+    def wrap(self, txn: Transaction) -> Transaction:
+        return _PausingTransaction(txn, self)
 
 
 async def test_key_committed_during_a_claim_is_not_skipped(
@@ -471,8 +450,8 @@ class HoldingStore(PausingStore):
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def begin(self) -> Transaction:
-        return _HoldingTransaction(await self.inner.begin(), self)
+    def wrap(self, txn: Transaction) -> Transaction:
+        return _HoldingTransaction(txn, self)
 
 
 async def test_a_key_committed_after_a_claims_snapshot_is_not_skipped(

@@ -11,50 +11,28 @@ import pytest
 from queue_helpers import check_invariants, dump_store, space_keys
 from taquba_backends import MemoryStore
 from taquba_core import ClaimLost, KVStore, ManualClock, Queue, StoreError, keys
-from taquba_core.kv import Durability, Transaction
+from taquba_core.kv import Durability, ForwardingStore, ForwardingTransaction, Transaction
 
 
-class _CountingTransaction(Transaction):
+class _CountingTransaction(ForwardingTransaction):
     def __init__(self, inner: Transaction, store: "CountingStore") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.store = store
-
-    async def get(self, key: bytes) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def scan(self, prefix: bytes, **kwargs: object) -> list[tuple[bytes, bytes]]:
-        return await self.inner.scan(prefix, **kwargs)  # type: ignore[arg-type]
-
-    async def put(self, key: bytes, value: bytes) -> None:
-        await self.inner.put(key, value)
-
-    async def delete(self, key: bytes) -> None:
-        await self.inner.delete(key)
-
-    async def merge_counter(self, key: bytes, delta: int) -> None:
-        await self.inner.merge_counter(key, delta)
 
     async def commit(self, *, durable: bool = True) -> Durability:
         self.store.commits += 1
         return await self.inner.commit(durable=durable)
 
-    async def rollback(self) -> None:
-        await self.inner.rollback()
 
-
-class CountingStore(KVStore):
+class CountingStore(ForwardingStore):
     """Wraps a store and counts commits."""
 
     def __init__(self, inner: KVStore) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.commits = 0
 
-    async def begin(self) -> Transaction:
-        return _CountingTransaction(await self.inner.begin(), self)
-
-    async def close(self) -> None:
-        await self.inner.close()
+    def wrap(self, txn: Transaction) -> Transaction:
+        return _CountingTransaction(txn, self)
 
 
 async def open_counting(store_factory: Callable[[], Awaitable[KVStore]]) -> tuple[Queue, CountingStore]:

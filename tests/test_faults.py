@@ -50,7 +50,7 @@ from taquba_core import (
     keys,
 )
 from taquba_core import queue as queue_module
-from taquba_core.kv import decode_counter
+from taquba_core.kv import ForwardingStore, ForwardingTransaction, decode_counter
 from taquba_core.transitions import METRICS
 
 CONFIG = QueueConfig(max_attempts=3, lease=10, backoff_base=1, backoff_max=4)
@@ -377,7 +377,7 @@ async def test_targeted_faults_hit_only_matching_commits() -> None:
 # -- the counter mirror under concurrency --------------------------------------------
 
 
-class VisibleBeforeDurable(KVStore):
+class VisibleBeforeDurable(ForwardingStore):
     """A MemoryStore whose durable commits become visible before they return.
 
     Like SlateDB, where a commit is applied to the memtable and then waits for
@@ -385,45 +385,23 @@ class VisibleBeforeDurable(KVStore):
     """
 
     def __init__(self, inner: MemoryStore, durability_wait: float = 0.02) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.wait = durability_wait
 
-    async def begin(self) -> Transaction:
-        return _SlowDurableTxn(await self.inner.begin(), self.wait)
-
-    async def close(self) -> None:
-        await self.inner.close()
+    def wrap(self, txn: Transaction) -> Transaction:
+        return _SlowDurableTxn(txn, self.wait)
 
 
-class _SlowDurableTxn(Transaction):
+class _SlowDurableTxn(ForwardingTransaction):
     def __init__(self, inner: Transaction, wait: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.wait = wait
-
-    async def get(self, key: bytes) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def scan(self, prefix: bytes, **kwargs: Any) -> list[tuple[bytes, bytes]]:
-        return await self.inner.scan(prefix, **kwargs)
-
-    async def put(self, key: bytes, value: bytes) -> None:
-        await self.inner.put(key, value)
-
-    async def delete(self, key: bytes) -> None:
-        await self.inner.delete(key)
-
-    async def merge_counter(self, key: bytes, delta: int) -> None:
-        await self.inner.merge_counter(key, delta)
 
     async def commit(self, *, durable: bool = True) -> Any:
         result = await self.inner.commit(durable=durable)
         if durable:
             await asyncio.sleep(self.wait)  # visible, not yet durable
         return result
-
-    async def rollback(self) -> None:
-        await self.inner.rollback()
 
 
 async def test_stats_stay_exact_when_a_failure_reloads_counters_during_another_commit() -> None:

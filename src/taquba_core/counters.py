@@ -18,12 +18,12 @@ from typing import Any
 
 from . import keys
 from .errors import CorruptRecord
-from .kv import Durability, Transaction, decode_counter
+from .kv import ForwardingTransaction, Transaction, decode_counter
 
 _SCANNED = (keys.PENDING, keys.SCHEDULED, keys.CLAIMED)
 
 
-class RecordingTransaction(Transaction):
+class RecordingTransaction(ForwardingTransaction):
     """Forwards to ``inner`` and records the counter deltas it merges and the keys it puts
     in the ranges scanned from a cursor (pending, scheduled, claimed).
 
@@ -32,40 +32,18 @@ class RecordingTransaction(Transaction):
     """
 
     def __init__(self, inner: Transaction) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.deltas: list[tuple[bytes, int]] = []
         self.scan_keys: list[bytes] = []
-
-    async def get(self, key: bytes) -> bytes | None:
-        return await self.inner.get(key)
-
-    async def scan(
-        self,
-        prefix: bytes,
-        *,
-        start_after: bytes | None = None,
-        end: bytes | None = None,
-        limit: int | None = None,
-    ) -> list[tuple[bytes, bytes]]:
-        return await self.inner.scan(prefix, start_after=start_after, end=end, limit=limit)
 
     async def put(self, key: bytes, value: bytes) -> None:
         if key.startswith(_SCANNED):
             self.scan_keys.append(key)
         await self.inner.put(key, value)
 
-    async def delete(self, key: bytes) -> None:
-        await self.inner.delete(key)
-
     async def merge_counter(self, key: bytes, delta: int) -> None:
         self.deltas.append((key, delta))
         await self.inner.merge_counter(key, delta)
-
-    async def commit(self, *, durable: bool = True) -> Durability:
-        return await self.inner.commit(durable=durable)
-
-    async def rollback(self) -> None:
-        await self.inner.rollback()
 
 
 def _decode(key: bytes, value: bytes) -> int:

@@ -133,3 +133,59 @@ class KVStore(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Flush and release the store; later calls fail."""
+
+
+class ForwardingTransaction(Transaction):
+    """Forwards every call to ``inner``; subclass it to observe or change some of them."""
+
+    def __init__(self, inner: Transaction) -> None:
+        self.inner = inner
+
+    async def get(self, key: bytes) -> bytes | None:
+        return await self.inner.get(key)
+
+    async def scan(
+        self,
+        prefix: bytes,
+        *,
+        start_after: bytes | None = None,
+        end: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        return await self.inner.scan(prefix, start_after=start_after, end=end, limit=limit)
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self.inner.put(key, value)
+
+    async def delete(self, key: bytes) -> None:
+        await self.inner.delete(key)
+
+    async def merge_counter(self, key: bytes, delta: int) -> None:
+        await self.inner.merge_counter(key, delta)
+
+    async def commit(self, *, durable: bool = True) -> Durability:
+        return await self.inner.commit(durable=durable)
+
+    async def rollback(self) -> None:
+        await self.inner.rollback()
+
+
+class ForwardingStore(KVStore):
+    """Wraps ``inner``: ``begin`` wraps each transaction with :meth:`wrap` (identity by default)."""
+
+    def __init__(self, inner: KVStore) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.read_only = inner.read_only
+
+    def wrap(self, txn: Transaction) -> Transaction:
+        return txn
+
+    async def begin(self) -> Transaction:
+        return self.wrap(await self.inner.begin())
+
+    async def sync(self) -> None:
+        await self.inner.sync()
+
+    async def close(self) -> None:
+        await self.inner.close()

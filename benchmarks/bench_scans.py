@@ -58,6 +58,46 @@ async def timed(call: Callable[[], Awaitable[object]]) -> tuple[float, object]:
     return (time.perf_counter() - start) * 1000, result
 
 
+async def flatness(
+    queues: dict[int, Queue],
+    clock: ManualClock,
+    reps: int,
+    make_due: Callable[[Queue], Awaitable[None]],
+    sweep: Callable[[Queue], Awaitable[int]],
+) -> dict[int, list[float]]:
+    """Per size, the times (ms) of ``sweep`` moving the ``DUE`` jobs ``make_due`` made due.
+
+    Sizes are measured round robin, each repetition starting at the next one,
+    so a noisy neighbour hits all of them alike.  The queues are closed after.
+    """
+    sizes = list(queues)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for rep in range(reps):
+        for n in sizes:
+            await make_due(queues[n])
+        clock.advance(2_000)
+        for n in sizes[rep % len(sizes):] + sizes[: rep % len(sizes)]:
+            ms, moved = await timed(lambda: sweep(queues[n]))
+            assert moved == DUE, (n, moved)
+            times[n].append(ms)
+    for q in queues.values():
+        await q.close()
+    return times
+
+
+def flatness_result(
+    title: str, column: str, target: str, times: dict[int, list[float]], note: str = ""
+) -> tuple[Table, Target]:
+    """The table of a flatness measurement and its max/min target (≤ 1.5)."""
+    sizes = list(times)
+    table = Table(title, [column, "median ms", "min ms", "max ms"])
+    for n in sizes:
+        table.add(n, median(times[n]), min(times[n]), max(times[n]))
+    ratio = spread([median(times[n]) for n in sizes])
+    table.notes.append(f"max/min of the medians over N: {ratio:.2f}{note}")
+    return table, Target.at_most(f"{target} flat in N ({', '.join(f'{n:,}' for n in sizes)}): max/min", ratio, 1.5)
+
+
 # -- 2. promotion ------------------------------------------------------------------------
 
 
@@ -69,25 +109,17 @@ async def promotion(root: Path, sizes: list[int], reps: int) -> tuple[Table, Tar
         for start in range(0, n, BATCH):
             await q.enqueue_batch("q", [PAYLOAD] * min(BATCH, n - start), delay=86_400)
         await flush_memtable(q)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    for rep in range(reps):
-        for n in sizes:
-            await queues[n].enqueue_batch("q", [PAYLOAD] * DUE, delay=1)
-        clock.advance(2_000)
-        order = sizes[rep % len(sizes):] + sizes[: rep % len(sizes)]
-        for n in order:
-            ms, moved = await timed(queues[n].promote_now)
-            assert moved == DUE, (n, moved)
-            times[n].append(ms)
-    for q in queues.values():
-        await q.close()
-    table = Table(f"2. Promotion: time to promote {DUE} due jobs with N future scheduled jobs (file://, {reps} reps)",
-                  ["N future", "median ms", "min ms", "max ms"])
-    for n in sizes:
-        table.add(n, median(times[n]), min(times[n]), max(times[n]))
-    ratio = spread([median(times[n]) for n in sizes])
-    table.notes.append(f"max/min of the medians over N: {ratio:.2f}")
-    return table, Target.at_most(f"2. promotion flat in N ({', '.join(f'{n:,}' for n in sizes)}): max/min", ratio, 1.5)
+
+    async def make_due(q: Queue) -> None:
+        await q.enqueue_batch("q", [PAYLOAD] * DUE, delay=1)
+
+    times = await flatness(queues, clock, reps, make_due, lambda q: q.promote_now())
+    return flatness_result(
+        f"2. Promotion: time to promote {DUE} due jobs with N future scheduled jobs (file://, {reps} reps)",
+        "N future",
+        "2. promotion",
+        times,
+    )
 
 
 # -- 3. reaping --------------------------------------------------------------------------
@@ -103,28 +135,19 @@ async def reaping(root: Path, sizes: list[int], reps: int) -> tuple[Table, Targe
             await q.enqueue_batch("q", [PAYLOAD] * size)
             assert len(await q.claim_batch("q", size, lease=86_400)) == size
         await flush_memtable(q)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    for rep in range(reps):
-        for n in sizes:
-            q = queues[n]
-            await q.enqueue_batch("q", [PAYLOAD] * DUE)
-            claimed = await q.claim_batch("q", DUE, lease=1)
-            assert len(claimed) == DUE
-        clock.advance(2_000)
-        order = sizes[rep % len(sizes):] + sizes[: rep % len(sizes)]
-        for n in order:
-            ms, moved = await timed(queues[n].reap_now)
-            assert moved == DUE, (n, moved)
-            times[n].append(ms)
-    for q in queues.values():
-        await q.close()
-    table = Table(f"3. Reaping: time to re-queue {DUE} expired claims with N live claims (file://, {reps} reps)",
-                  ["N live", "median ms", "min ms", "max ms"])
-    for n in sizes:
-        table.add(n, median(times[n]), min(times[n]), max(times[n]))
-    ratio = spread([median(times[n]) for n in sizes])
-    table.notes.append(f"max/min of the medians over N: {ratio:.2f}; reap_now includes the retention sweeps of each tick")
-    return table, Target.at_most(f"3. reaping flat in N ({', '.join(f'{n:,}' for n in sizes)}): max/min", ratio, 1.5)
+
+    async def make_due(q: Queue) -> None:
+        await q.enqueue_batch("q", [PAYLOAD] * DUE)
+        assert len(await q.claim_batch("q", DUE, lease=1)) == DUE
+
+    times = await flatness(queues, clock, reps, make_due, lambda q: q.reap_now())
+    return flatness_result(
+        f"3. Reaping: time to re-queue {DUE} expired claims with N live claims (file://, {reps} reps)",
+        "N live",
+        "3. reaping",
+        times,
+        "; reap_now includes the retention sweeps of each tick",
+    )
 
 
 # -- 4. claims behind a band of deleted keys ----------------------------------------------

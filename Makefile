@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/taquba demo
 
 test: install-test
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -125,9 +125,9 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
     class ForeignBytes(ctypes.Structure):
         _fields_ = [("len", ctypes.c_int32), ("data", ctypes.c_char_p)]
 
-    from_bytes_raw = ctypes.CFUNCTYPE(rust_buffer, ForeignBytes, ctypes.POINTER(call_status))(
-        ctypes.cast(from_bytes, c_void_p).value
-    )
+    from_bytes_address = ctypes.cast(from_bytes, c_void_p).value
+    assert from_bytes_address is not None  # a loaded library function has an address
+    from_bytes_raw = ctypes.CFUNCTYPE(rust_buffer, ForeignBytes, ctypes.POINTER(call_status))(from_bytes_address)
 
     def lower_bytes(value: Any) -> Any:
         """``len`` as big-endian i32, then the bytes: one Rust buffer in one call."""

@@ -155,7 +155,7 @@ def load_handler(spec: str) -> Handler:
         raise click.BadParameter(f"cannot load {spec!r}: {exc}", param_hint="HANDLER") from exc
     if not callable(handler):
         raise click.BadParameter(f"{spec!r} is not callable", param_hint="HANDLER")
-    return handler  # type: ignore[no-any-return]
+    return handler
 
 
 @main.command()

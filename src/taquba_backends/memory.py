@@ -176,14 +176,24 @@ class MemoryStore(KVStore):
                 fresh._versions[key] = [(0, value)]
         return fresh
 
-    def inject_faults(self, plan: FaultPlan | None = None, /, **counters: int) -> FaultPlan:
+    def inject_faults(
+        self,
+        plan: FaultPlan | None = None,
+        /,
+        *,
+        conflicts: int = 0,
+        fail_before_apply: int = 0,
+        fail_after_apply: int = 0,
+    ) -> FaultPlan:
         """Replace the fault plan (tests only) and return it.
 
         Pass a :class:`FaultPlan`, or its counters as keywords, e.g.
         ``store.inject_faults(fail_after_apply=1)``.  ``inject_faults()`` with
         no argument clears every fault.
         """
-        self._faults = plan if plan is not None else FaultPlan(**counters)
+        if plan is None:
+            plan = FaultPlan(conflicts=conflicts, fail_before_apply=fail_before_apply, fail_after_apply=fail_after_apply)
+        self._faults = plan
         return self._faults
 
     def footprint(self) -> tuple[int, int]:

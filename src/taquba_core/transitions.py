@@ -440,17 +440,6 @@ async def require(txn: Transaction, job_id: str) -> tuple[bytes, JobRecord]:
     return found
 
 
-async def read_stats(txn: Transaction, queue: str) -> dict[str, int]:
-    """The counters of ``queue`` (absent ones are 0)."""
-    from .kv import decode_counter
-
-    out = dict.fromkeys(METRICS, 0)
-    for key, value in await txn.scan(keys.stats_prefix(queue)):
-        metric = key[len(keys.stats_prefix(queue)):].decode()
-        out[metric] = decode_counter(value)
-    return out
-
-
 class QueueConfigs:
     """The per-queue configurations with a default for unnamed queues."""
 

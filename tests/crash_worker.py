@@ -27,7 +27,7 @@ import random
 import sys
 
 from taquba_backends import open_store
-from taquba_core import AckWith, Queue, QueueConfig, run_worker_concurrent
+from taquba_core import AckWith, Queue, QueueConfig, WorkerStats, run_worker_concurrent
 
 QUEUE = "crash"
 MARKER = b"crash-test/enqueued"
@@ -41,26 +41,13 @@ async def main(url: str, n: int) -> None:
         if await queue.kv_get(MARKER) is None:
             await queue.enqueue_batch(QUEUE, [b"%05d" % i for i in range(n)], kv_writes={MARKER: b"1"})
         print("started", flush=True)
-
-        async def handler(job):
-            return AckWith(kv_writes={b"done/" + job.payload: b"1"})
-
-        shutdown = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                s = await queue.stats(QUEUE)
-                if s.pending + s.scheduled + s.claimed == 0:
-                    shutdown.set()
-                    return
-                await asyncio.sleep(0.05)
-
-        watcher = asyncio.create_task(watch())
-        stats = await run_worker_concurrent(
-            queue, QUEUE, handler, concurrency=64, poll_interval=0.1, shutdown=shutdown
-        )
-        await watcher
+        stats = await drain(queue, ack_payload, concurrency=64)
         print(f"finished acked={stats.acked}", flush=True)
+
+
+async def ack_payload(job):
+    """Ack with ``done/<payload> = 1`` in the same commit."""
+    return AckWith(kv_writes={b"done/" + job.payload: b"1"})
 
 
 MIXED_CONFIG = QueueConfig(max_attempts=10, lease=30, backoff_base=0)
@@ -75,7 +62,7 @@ async def mixed_handler(job):
     return AckWith(kv_writes={b"done/" + job.id.encode(): b"%d %s" % (job.attempts, job.payload)})
 
 
-async def drain(queue: Queue, handler=mixed_handler, concurrency: int = 16, until=None) -> None:
+async def drain(queue: Queue, handler=mixed_handler, concurrency: int = 16, until=None) -> WorkerStats:
     """Work ``QUEUE`` until ``until`` (an awaitable) is done and no job is pending, scheduled or claimed."""
     shutdown = asyncio.Event()
 
@@ -90,8 +77,11 @@ async def drain(queue: Queue, handler=mixed_handler, concurrency: int = 16, unti
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
-    await run_worker_concurrent(queue, QUEUE, handler, concurrency=concurrency, poll_interval=0.05, shutdown=shutdown)
+    stats = await run_worker_concurrent(
+        queue, QUEUE, handler, concurrency=concurrency, poll_interval=0.05, shutdown=shutdown
+    )
     await watcher
+    return stats
 
 
 async def mixed(url: str, seed: int, total: int) -> None:

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from crash_worker import MIXED_CONFIG, ack_payload, drain, mixed_handler
 from queue_helpers import check_invariants, dump_store, space_keys
 
 from taquba_backends import open_store
-from taquba_core import AckWith, Queue, QueueConfig, keys, run_worker_concurrent
+from taquba_core import Queue, QueueConfig, keys
 from taquba_core.kv import decode_counter
 from taquba_core.record import decode_record
 
@@ -82,25 +83,7 @@ async def test_sigkill_mid_work_loses_nothing(tmp_path: Path) -> None:
         assert all(j.last_error and "interrupted" in j.last_error for j in recovered), seed
         print(f"done by the killed process: {len(done_before)}, claims recovered at open: {len(recovered)}")
 
-        shutdown = asyncio.Event()
-
-        async def handler(job):
-            return AckWith(kv_writes={b"done/" + job.payload: b"1"})
-
-        async def watch() -> None:
-            while True:
-                s = await queue.stats(QUEUE)
-                if s.pending + s.scheduled + s.claimed == 0:
-                    shutdown.set()
-                    return
-                await asyncio.sleep(0.02)
-
-        watcher = asyncio.create_task(watch())
-        await asyncio.wait_for(
-            run_worker_concurrent(queue, QUEUE, handler, concurrency=64, poll_interval=0.1, shutdown=shutdown),
-            60,
-        )
-        await watcher
+        await asyncio.wait_for(drain(queue, ack_payload, concurrency=64), 60)
 
         dump = await check_invariants(queue.store)
         assert done_payloads(dump) == {b"%05d" % i for i in range(N)}, seed
@@ -144,7 +127,6 @@ async def _reopened_dump(url: str) -> dict[bytes, bytes]:
 # TAQUBA_CRASH_SEED=<seed> replays one run; TAQUBA_CRASH_RUNS sets how many
 # runs ``make test`` makes (default 20).
 
-from crash_worker import MIXED_CONFIG, drain, mixed_handler
 from model import check_dump
 
 MIXED_TOTAL = 300

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import struct
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,40 +36,23 @@ from enum import Enum
 from operator import itemgetter
 
 from taquba_core.errors import (
-    CorruptRecord,
-    InvalidArgument,
     StoreClosed,
     StoreConflict,
     StoreError,
 )
 from taquba_core.kv import (
-    COUNTER,
     DURABLE,
     Durability,
     KVStore,
     Transaction,
-    add_counter,
 )
 
 from ._keyrange import scan_bounds
-
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
+from ._writebuffer import WriteBuffer, counter_plus
 
 Version = tuple[int, bytes | None]
 """One committed version of a key: ``(commit_seq, value)``; ``None`` is a tombstone."""
 _version_seq = itemgetter(0)
-
-
-def check_delta(delta: int) -> int:
-    """Return ``delta`` when it is a signed 64-bit integer.
-
-    Raises:
-        InvalidArgument: ``delta`` is not an ``int`` or out of range.
-    """
-    if not isinstance(delta, int) or isinstance(delta, bool) or not INT64_MIN <= delta <= INT64_MAX:
-        raise InvalidArgument(f"counter delta must be a signed 64-bit int, got {delta!r}")
-    return delta
 
 
 class Fault(Enum):
@@ -250,13 +232,8 @@ class MemoryStore(KVStore):
                 raise StoreConflict(
                     f"key {key!r} was written by a concurrent commit in store {self.url}"
                 )
-        merged = {}  # computed before anything is applied: a bad counter must not half-apply the commit
-        for key, delta in merges.items():
-            latest = self._read(key, self._seq)
-            try:
-                merged[key] = add_counter(latest, COUNTER.pack(delta))
-            except struct.error as exc:
-                raise CorruptRecord(f"key {key!r} of store {self.url} holds {latest!r:.60}, not a counter") from exc
+        # Computed before anything is applied: a bad counter must not half-apply the commit.
+        merged = {key: counter_plus(self.url, key, self._read(key, self._seq), d) for key, d in merges.items()}
         self._seq += 1
         seq = self._seq
         for key, value in writes.items():
@@ -318,8 +295,7 @@ class MemoryTransaction(Transaction):
     def __init__(self, store: MemoryStore, start: int) -> None:
         self._store = store
         self._start = start
-        self._writes: dict[bytes, bytes | None] = {}
-        self._merges: dict[bytes, int] = {}  # deltas added after the key's last put/delete
+        self._buffer = WriteBuffer()
         self._done = False
 
     def __del__(self) -> None:
@@ -334,10 +310,7 @@ class MemoryTransaction(Transaction):
         self._store._check_open()
 
     def _visible(self, key: bytes) -> bytes | None:
-        base = self._writes[key] if key in self._writes else self._store._read(key, self._start)
-        if key in self._merges:
-            return add_counter(base, COUNTER.pack(self._merges[key]))
-        return base
+        return self._buffer.visible(key, self._store._read(key, self._start))
 
     async def get(self, key: bytes) -> bytes | None:
         """The value under ``key`` in this transaction's view, or ``None``.
@@ -367,12 +340,7 @@ class MemoryTransaction(Transaction):
         bounds = scan_bounds(prefix, start_after, end)
         if bounds is None or (limit is not None and limit <= 0):
             return []
-
-        def in_range(key: bytes) -> bool:
-            above = key >= bounds.start if bounds.start_inclusive else key > bounds.start
-            return above and (bounds.end is None or key < bounds.end)
-
-        own = sorted(k for k in {*self._writes, *self._merges} if in_range(k))
+        own = self._buffer.keys_in(bounds)
         committed = self._store._keys_from(bounds.start, bounds.start_inclusive, bounds.end)
         out: list[tuple[bytes, bytes]] = []
         previous: bytes | None = None
@@ -394,8 +362,7 @@ class MemoryTransaction(Transaction):
             StoreClosed: the transaction ended or the store was closed.
         """
         self._check_usable()
-        self._writes[key] = bytes(value)
-        self._merges.pop(key, None)
+        self._buffer.put(key, value)
 
     async def delete(self, key: bytes) -> None:
         """Buffer a delete of ``key`` (conflict-checked even when absent).
@@ -404,8 +371,7 @@ class MemoryTransaction(Transaction):
             StoreClosed: the transaction ended or the store was closed.
         """
         self._check_usable()
-        self._writes[key] = None
-        self._merges.pop(key, None)
+        self._buffer.delete(key)
 
     async def merge_counter(self, key: bytes, delta: int) -> None:
         """Buffer adding ``delta`` (signed 64-bit) to the counter under ``key``.
@@ -415,7 +381,7 @@ class MemoryTransaction(Transaction):
             StoreClosed: the transaction ended or the store was closed.
         """
         self._check_usable()
-        self._merges[key] = self._merges.get(key, 0) + check_delta(delta)
+        self._buffer.merge(key, delta)
 
     async def commit(self, *, durable: bool = True) -> Durability:
         """Apply the buffered writes atomically (``durable`` makes no difference here).
@@ -431,11 +397,7 @@ class MemoryTransaction(Transaction):
             StoreError: an injected fault (see :class:`FaultPlan`).
         """
         self._check_usable()
-        writes = {
-            key: add_counter(value, COUNTER.pack(self._merges[key])) if key in self._merges else value
-            for key, value in self._writes.items()
-        }
-        merges = {key: d for key, d in self._merges.items() if key not in self._writes}
+        writes, merges = self._buffer.folded()
         self._finish()  # unusable from here on, even during the yield below
         try:
             await asyncio.sleep(0)
@@ -455,5 +417,4 @@ class MemoryTransaction(Transaction):
 
     def _finish(self) -> None:
         self._done = True
-        self._writes.clear()
-        self._merges.clear()
+        self._buffer.clear()

@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import struct
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -57,11 +58,11 @@ from taquba_core.errors import (
     StoreFenced,
     TaqubaError,
 )
-from taquba_core.kv import COUNTER, DURABLE, Durability, KVStore, Transaction, add_counter
+from taquba_core.kv import DURABLE, Durability, KVStore, Transaction, add_counter
 
 from . import _uniffi_fast
-from ._keyrange import scan_bounds
-from .memory import INT64_MAX, INT64_MIN, check_delta
+from ._keyrange import KeyBounds, scan_bounds
+from ._writebuffer import WriteBuffer, counter_plus
 
 T = TypeVar("T")
 
@@ -70,6 +71,8 @@ CLOUD_FLUSH_INTERVAL_MS = 50
 MAX_FLUSH_INTERVAL_MS = 60_000
 DEFAULT_PREFIX = "taquba"
 SCAN_BATCH = 256
+PRUNE_MIN = 4096
+"""Conflict-detection entries kept before the first pruning pass."""
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
 L0_SST_SIZE_BYTES = 32 * 1024 * 1024
 """Memtable size at which SlateDB writes an L0 SST (its default is 64 MiB).
@@ -194,7 +197,12 @@ def _flush_interval(query: str, scheme: str, bad: Callable[[str], InvalidStoreUr
 
 
 class CounterMergeOperator(sdb.MergeOperator):
-    """SlateDB merge operator for taquba counters: signed 64-bit little-endian addition."""
+    """SlateDB merge operator for taquba counters: signed 64-bit little-endian addition.
+
+    This process writes counters as plain values (see :class:`SlateDBTransaction`);
+    the operator stays registered so that merge operands written by earlier
+    versions still read as counters.
+    """
 
     def merge(self, key: bytes, existing_value: bytes | None, operand: bytes) -> bytes:
         """``existing_value + operand``; an absent value counts as 0.
@@ -233,6 +241,19 @@ class SlateDBStore(KVStore):
         self._eager_flush = eager_flush
         self._flush_wanted = False
         self._flusher: asyncio.Task[None] | None = None
+        # Conflict detection (see SlateDBTransaction): commits are numbered;
+        # ``_last_write`` holds, per key put or deleted, the number of the
+        # last commit that wrote it (pruned below the oldest open
+        # transaction); ``_writing`` is true while commit number ``_seq`` is
+        # on its way into SlateDB.
+        self._commit_lock = asyncio.Lock()
+        self._seq = 0
+        self._writing = False
+        self._last_write: dict[bytes, int] = {}
+        self._prune_at = PRUNE_MIN
+        self._open: weakref.WeakSet[SlateDBTransaction] = weakref.WeakSet()
+        # Counter values as this process last wrote them (read on first use).
+        self._counters: dict[bytes, bytes | None] = {}
 
     @classmethod
     async def open(cls, url: str, *, object_store: sdb.ObjectStore | None = None) -> SlateDBStore:
@@ -274,8 +295,10 @@ class SlateDBStore(KVStore):
             StoreError: SlateDB failed.
         """
         self._check_usable()
-        txn = await self._call(self._db.begin(sdb.IsolationLevel.SNAPSHOT))
-        return SlateDBTransaction(self, txn)
+        start = self._visible_seq()  # before the snapshot: it includes every commit up to here
+        txn = SlateDBTransaction(self, start, await self._call(self._db.snapshot()))
+        self._open.add(txn)
+        return txn
 
     async def close(self) -> None:
         """Flush and shut the database down; a no-op when already closed.
@@ -355,6 +378,70 @@ class SlateDBStore(KVStore):
                 return StoreClosed(f"store {self.url} is closed")
         return StoreError(f"store {self.url} failed: {exc}")
 
+    # -- commits (for SlateDBTransaction) ---------------------------------
+
+    def _visible_seq(self) -> int:
+        """The number of the newest commit that a snapshot taken now is sure to include."""
+        return self._seq - 1 if self._writing else self._seq
+
+    async def _apply(self, start: int, buffer: WriteBuffer) -> sdb.WriteHandle:
+        """Check ``buffer`` against the commits after ``start``; write it as one batch.
+
+        Commits run one at a time under the commit lock, so they reach SlateDB
+        in the order they were checked, and each counter is written as the
+        value the commits before it left plus this commit's delta.
+
+        Raises:
+            StoreConflict: a key ``buffer`` puts or deletes was written by a
+                commit numbered above ``start``; nothing is written.
+            CorruptRecord: a merged key does not hold a counter; nothing is written.
+            StoreFenced, StoreClosed, StoreError: SlateDB failed; the batch may
+                or may not have been applied.
+        """
+        async with self._commit_lock:
+            self._check_usable()
+            for key in buffer.writes:
+                if self._last_write.get(key, -1) > start:
+                    raise StoreConflict(f"key {key!r} was written by a concurrent commit in store {self.url}")
+            writes, merges = buffer.folded()
+            counters = {key: counter_plus(self.url, key, await self._counter(key), d) for key, d in merges.items()}
+            batch = sdb.WriteBatch()
+            for key, value in writes.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+            for key, value in counters.items():
+                batch.put(key, value)
+            self._seq += 1
+            for key in writes:
+                self._last_write[key] = self._seq
+            self._writing = True
+            try:
+                handle = await self._call(self._db.write(batch))
+            except BaseException:
+                self._counters.clear()  # the batch may or may not be applied: read them again
+                raise
+            finally:
+                self._writing = False
+            self._counters.update(counters)
+            if len(self._last_write) > self._prune_at:
+                self._prune()
+            return handle
+
+    async def _counter(self, key: bytes) -> bytes | None:
+        """The counter under ``key`` as the last commit left it (called under the commit lock)."""
+        if key not in self._counters:
+            self._counters[key] = await self._call(self._db.get(key))
+        return self._counters[key]
+
+    def _prune(self) -> None:
+        """Forget the commit numbers that no open or future transaction can conflict with."""
+        horizon = min((txn._start for txn in self._open), default=self._seq)
+        horizon = min(horizon, self._visible_seq())
+        self._last_write = {key: seq for key, seq in self._last_write.items() if seq > horizon}
+        self._prune_at = max(PRUNE_MIN, 2 * len(self._last_write))
+
 
 class SlateDBDurability(Durability):
     """The durability of a SlateDB commit that returned before its WAL write was flushed."""
@@ -376,24 +463,35 @@ class SlateDBDurability(Durability):
 
 
 class SlateDBTransaction(Transaction):
-    """A snapshot-isolated SlateDB transaction.
+    """A snapshot-isolated transaction on a SlateDB database.
 
-    After commit or rollback every method but :meth:`rollback` raises
-    :class:`StoreClosed`.  Every method may raise :class:`StoreFenced` or
+    SlateDB's own transactions cost one FFI call per put, delete and merge,
+    and SlateDB runs the (Python) counter merge operator on its own threads
+    for every merge it is handed, twice.  This transaction keeps its writes
+    in Python instead and commits them as one ``WriteBatch``:
+
+    * reads come from a SlateDB snapshot taken at :meth:`SlateDBStore.begin`,
+      with the transaction's own writes laid on top;
+    * first committer wins, as in SlateDB's snapshot isolation: at commit,
+      when a key this transaction put or deleted was written by a commit
+      that its snapshot may not include, it raises :class:`StoreConflict`
+      and writes nothing (the check runs under the store's commit lock);
+    * counter merges take no part in conflicts; each commit writes a counter
+      as its new value (the process keeps the values it last wrote), so
+      SlateDB never calls the merge operator on the write path.
+
+    The check covers the transactions of this process, which is the store's
+    only writer (opening a store fences every earlier writer).  After commit
+    or rollback every method but :meth:`rollback` raises
+    :class:`StoreClosed`; every method may raise :class:`StoreFenced` or
     :class:`StoreError` when SlateDB fails.
-
-    Counter merges are summed per key in Python and handed to SlateDB as one
-    operand per key, before the next read and at commit (a claim of ``n``
-    jobs merges two counters ``n`` times each): fewer calls across the FFI
-    boundary and fewer operands for SlateDB to fold.
     """
 
-    def __init__(self, store: SlateDBStore, txn: sdb.DbTransaction) -> None:
+    def __init__(self, store: SlateDBStore, start: int, snapshot: sdb.DbSnapshot) -> None:
         self._store = store
-        self._txn = txn
-        self._written: set[bytes] = set()  # put or deleted: conflict-checked
-        self._merged: set[bytes] = set()  # merged (sent or not)
-        self._deltas: dict[bytes, int] = {}  # merges not sent to SlateDB yet
+        self._start = start  # the newest commit that ``snapshot`` is sure to include
+        self._snapshot: sdb.DbSnapshot | None = snapshot
+        self._buffer = WriteBuffer()
         self._done = False
 
     def _check_usable(self) -> None:
@@ -401,12 +499,18 @@ class SlateDBTransaction(Transaction):
             raise StoreClosed(f"transaction on store {self._store.url} already committed or rolled back")
         self._store._check_usable()
 
+    def _view(self) -> sdb.DbSnapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise StoreClosed(f"transaction on store {self._store.url} already committed or rolled back")
+        return snapshot
+
     async def get(self, key: bytes) -> bytes | None:
         """The value under ``key`` in this transaction's view, or ``None``."""
         self._check_usable()
-        if self._deltas:
-            await self._send_merges()
-        return await self._store._call(self._txn.get(key))
+        if key in self._buffer.writes:
+            return self._buffer.visible(key, None)
+        return self._buffer.visible(key, await self._store._call(self._view().get(key)))
 
     async def scan(
         self,
@@ -425,33 +529,45 @@ class SlateDBTransaction(Transaction):
         bounds = scan_bounds(prefix, start_after, end)
         if bounds is None or (limit is not None and limit <= 0):
             return []
-        if self._deltas:
-            await self._send_merges()
+        own = self._buffer.keys_in(bounds)
+        # Each buffered key hides at most one committed row: read that many more.
+        want = None if limit is None else limit + len(own)
+        rows = await self._scan_committed(bounds, want)
+        if not own:
+            return rows
+        known_up_to = None if want is None or len(rows) < want else rows[-1][0]
+        merged = dict(rows)
+        for key in own:
+            if known_up_to is None or key <= known_up_to:
+                merged[key] = self._buffer.visible(key, merged.get(key))  # type: ignore[assignment]
+        out = sorted((key, value) for key, value in merged.items() if value is not None)
+        return out if limit is None else out[:limit]
+
+    async def _scan_committed(self, bounds: KeyBounds, want: int | None) -> list[tuple[bytes, bytes]]:
+        """Up to ``want`` committed rows inside ``bounds`` from the snapshot."""
+        call = self._store._call
+        view = self._view()
         key_range = sdb.KeyRange(
             start=bounds.start, start_inclusive=bounds.start_inclusive, end=bounds.end, end_inclusive=False
         )
-        iterator = await self._store._call(self._txn.scan(key_range))
+        iterator = await call(view.scan(key_range))
         out: list[tuple[bytes, bytes]] = []
         while True:
-            want = SCAN_BATCH if limit is None else min(SCAN_BATCH, limit - len(out))
-            batch = await self._store._call(iterator.next_batch(want))
+            size = SCAN_BATCH if want is None else min(SCAN_BATCH, want - len(out))
+            batch = await call(iterator.next_batch(size))
             out.extend((row.key, row.value) for row in batch)
-            if len(batch) < want or len(out) == limit:
+            if len(batch) < size or len(out) == want:
                 return out
 
     async def put(self, key: bytes, value: bytes) -> None:
         """Buffer a write of ``value`` under ``key``."""
         self._check_usable()
-        await self._store._call(self._txn.put(key, value))
-        self._written.add(key)
-        self._deltas.pop(key, None)  # merged before the put: the put overrides it
+        self._buffer.put(key, value)
 
     async def delete(self, key: bytes) -> None:
         """Buffer a delete of ``key`` (conflict-checked even when absent)."""
         self._check_usable()
-        await self._store._call(self._txn.delete(key))
-        self._written.add(key)
-        self._deltas.pop(key, None)
+        self._buffer.delete(key)
 
     async def merge_counter(self, key: bytes, delta: int) -> None:
         """Buffer adding ``delta`` (signed 64-bit) to the counter under ``key``.
@@ -460,49 +576,29 @@ class SlateDBTransaction(Transaction):
             InvalidArgument: ``delta`` is not a signed 64-bit int.
         """
         self._check_usable()
-        check_delta(delta)
-        total = self._deltas.get(key, 0) + delta
-        if not INT64_MIN <= total <= INT64_MAX:
-            await self._send_merges()  # keep each operand a signed 64-bit value
-            total = delta
-        self._deltas[key] = total
-        self._merged.add(key)
-
-    async def _send_merges(self) -> None:
-        """Hand the summed merges to SlateDB (one operand per key)."""
-        deltas, self._deltas = self._deltas, {}
-        for key, delta in deltas.items():
-            await self._store._call(self._txn.merge(key, COUNTER.pack(delta)))
+        self._buffer.merge(key, delta)
 
     async def commit(self, *, durable: bool = True) -> Durability:
         """Commit; with ``durable`` wait until the WAL write reached the object store.
 
-        Keys that were only merged are excluded from conflict detection first
-        (SlateDB counts a merge as a write otherwise).  Without ``durable``
-        the returned handle's ``wait()`` waits for the WAL write.
+        Without ``durable`` the returned handle's ``wait()`` waits for the WAL
+        write.  A transaction that wrote nothing returns
+        :data:`~taquba_core.kv.DURABLE` at once.
 
         Raises:
             StoreConflict: a concurrent commit wrote a key this one put or deleted.
+            CorruptRecord: a merged key does not hold a counter.
             StoreFenced: another writer took the store over (at commit or
                 while waiting for durability).
             StoreClosed: the transaction ended or the store was closed.
             StoreError: SlateDB failed.
         """
         self._check_usable()
-        self._done = True
-        merge_only = list(self._merged - self._written)
-        call = self._store._call
-        try:
-            if self._deltas:
-                await self._send_merges()
-            if merge_only:
-                await call(self._txn.unmark_write(merge_only))
-        except TaqubaError:
-            await self._abandon()
-            raise
-        handle = await call(self._txn.commit())
-        if handle is None:
+        buffer = self._buffer
+        self._finish()
+        if not buffer:
             return DURABLE
+        handle = await self._store._apply(self._start, buffer)
         pending = SlateDBDurability(self._store, handle)
         if not durable:
             return pending
@@ -511,13 +607,11 @@ class SlateDBTransaction(Transaction):
 
     async def rollback(self) -> None:
         """Discard the buffered writes; a no-op when the transaction already ended."""
-        if self._done:
-            return
-        self._done = True
-        await self._abandon()
+        if not self._done:
+            self._finish()
 
-    async def _abandon(self) -> None:
-        try:
-            await self._txn.rollback()
-        except sdb.Error:
-            pass  # ended already, or the store closed or was fenced: the writes are gone anyway
+    def _finish(self) -> None:
+        self._done = True
+        self._snapshot = None
+        self._buffer = WriteBuffer()
+        self._store._open.discard(self)

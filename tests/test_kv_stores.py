@@ -352,6 +352,36 @@ async def test_durable_commit_survives_reopen(tmp_path: Path) -> None:
     await reopened.close()
 
 
+async def test_durable_commits_reach_the_object_store_before_returning(tmp_path: Path) -> None:
+    """Without a close: a writer that takes over sees every commit that returned durable."""
+    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
+    first = await SlateDBStore.open(url)
+    await write(first, a=b"1")
+    pending = []
+    for i in range(20):
+        txn = await first.begin()
+        await txn.put(f"k{i}".encode(), b"v")
+        await txn.merge_counter(b"n", 1)
+        pending.append(await txn.commit(durable=False))
+    await asyncio.gather(*(d.wait() for d in pending))
+    second = await SlateDBStore.open(url)  # fences the first, which is never closed cleanly
+    assert await read(second, b"a") == b"1"
+    assert [await read(second, f"k{i}".encode()) for i in range(20)] == [b"v"] * 20
+    assert decode_counter(await read(second, b"n")) == 20
+    await second.close()
+
+
+async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> None:
+    kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    txn = await kv.begin()
+    await txn.put(b"k", b"v")
+    durability = await txn.commit(durable=False)
+    waits = asyncio.gather(durability.wait(), kv.sync(), durability.wait())
+    await asyncio.sleep(0)  # the waits start
+    await kv.close()
+    await asyncio.wait_for(waits, timeout=10)  # durable: the clean shutdown wrote the WAL
+
+
 async def test_second_writer_fences_the_first(tmp_path: Path) -> None:
     url = (tmp_path / "db").as_uri()
     first = await SlateDBStore.open(url)

@@ -241,6 +241,11 @@ class SlateDBStore(KVStore):
         self._eager_flush = eager_flush
         self._flush_wanted = False
         self._flusher: asyncio.Task[None] | None = None
+        # Eager flushes are numbered; a commit that returned while ``n`` had
+        # started is durable once a flush numbered above ``n`` has ended.
+        self._flushes_started = 0
+        self._flushes_done = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Conflict detection (see SlateDBTransaction): commits are numbered;
         # ``_last_write`` holds, per key put or deleted, the number of the
         # last commit that wrote it (pruned below the oldest open
@@ -315,10 +320,14 @@ class SlateDBStore(KVStore):
             await asyncio.gather(self._flusher, return_exceptions=True)
         try:
             await self._db.shutdown()
-        except sdb.Error.Closed:
-            pass  # fenced or already shut down: nothing left to flush
+        except sdb.Error.Closed as exc:
+            # Fenced or already shut down: nothing left to flush.
+            self._end_flush_waits(None, self._translate(exc))
         except sdb.Error as exc:
-            raise StoreError(f"store {self.url} did not shut down cleanly: {exc}") from exc
+            error = StoreError(f"store {self.url} did not shut down cleanly: {exc}")
+            self._end_flush_waits(None, error)
+            raise error from exc
+        self._end_flush_waits(None)  # a clean shutdown wrote the WAL out
 
     def _check_usable(self) -> None:
         if self._fenced:
@@ -333,26 +342,59 @@ class SlateDBStore(KVStore):
             StoreFenced, StoreClosed, StoreError: as for a commit.
         """
         self._check_usable()
-        await self._call(self._db.flush_with_options(WAL_FLUSH))
+        if self._eager_flush:
+            await self._flushed_after(self._flushes_started)
+        else:
+            await self._call(self._db.flush_with_options(WAL_FLUSH))
 
-    def _want_flush(self) -> None:
-        """Ask for a WAL flush soon (``eager_flush``): now, or right after the running one."""
-        if not self._eager_flush or self._closed:
+    async def _flushed_after(self, ticket: int) -> None:
+        """Return once a WAL flush numbered above ``ticket`` has ended (``eager_flush`` only).
+
+        One flush runs at a time; every caller that arrives while it runs
+        waits for the next one, which then carries all their commits (group
+        commit), with one call into SlateDB for the lot.
+
+        Raises:
+            StoreFenced, StoreClosed, StoreError: the flush failed.
+        """
+        if self._flushes_done > ticket:
             return
+        self._check_usable()
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((ticket, waiter))
         self._flush_wanted = True
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush_loop())
+        await waiter
 
     async def _flush_loop(self) -> None:
         try:
             while self._flush_wanted and not self._closed:
                 self._flush_wanted = False
+                self._flushes_started += 1
+                number = self._flushes_started
                 try:
                     await self._db.flush_with_options(WAL_FLUSH)
-                except sdb.Error:
-                    return  # closed or fenced: the waiting commits learn it from await_durable
+                except sdb.Error as exc:
+                    self._end_flush_waits(None, self._translate(exc))
+                    return
+                self._flushes_done = number
+                self._end_flush_waits(number)
         finally:
             self._flusher = None
+
+    def _end_flush_waits(self, done: int | None, error: BaseException | None = None) -> None:
+        """Release the waiters that flush ``done`` covers (``None``: all of them), or fail them with ``error``."""
+        waiting = []
+        for ticket, waiter in self._flush_waiters:
+            if done is not None and ticket >= done:
+                waiting.append((ticket, waiter))
+            elif not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+        self._flush_waiters = waiting
 
     def _fenced_error(self) -> StoreFenced:
         return StoreFenced(
@@ -446,11 +488,14 @@ class SlateDBStore(KVStore):
 class SlateDBDurability(Durability):
     """The durability of a SlateDB commit that returned before its WAL write was flushed."""
 
-    __slots__ = ("_store", "_handle")
+    __slots__ = ("_handle", "_store", "_ticket")
 
     def __init__(self, store: SlateDBStore, handle: sdb.WriteHandle) -> None:
         self._store = store
         self._handle = handle
+        # With eager flushes: the number of the last flush started before the
+        # write returned; the first flush after it carries the write.
+        self._ticket = store._flushes_started if store._eager_flush else None
 
     async def wait(self) -> None:
         """Return once the commit's WAL write reached the object store.
@@ -458,8 +503,10 @@ class SlateDBDurability(Durability):
         Raises:
             StoreFenced, StoreClosed, StoreError: the write may not be durable.
         """
-        self._store._want_flush()
-        await self._store._call(self._handle.await_durable())
+        if self._ticket is not None:
+            await self._store._flushed_after(self._ticket)
+        else:
+            await self._store._call(self._handle.await_durable())
 
 
 class SlateDBTransaction(Transaction):

@@ -71,6 +71,9 @@ CLOUD_FLUSH_INTERVAL_MS = 50
 MAX_FLUSH_INTERVAL_MS = 60_000
 DEFAULT_PREFIX = "taquba"
 SCAN_BATCH = 256
+"""Rows fetched per ``next_batch`` call across the FFI boundary."""
+MAX_FLUSHES = 4
+"""Most eager WAL flushes in flight at once (see :meth:`SlateDBStore._flushed_after`)."""
 PRUNE_MIN = 4096
 """Conflict-detection entries kept before the first pruning pass."""
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
@@ -85,7 +88,6 @@ workers): peak RSS ~240 MB with 64 MiB memtables, ~180 MB with 32 MiB,
 ~165 MB with 16 MiB; but with 16 KiB payloads 16 MiB memtables made SlateDB
 flush and compact so often that the peak rose to ~300 MB (32 MiB: ~210 MB).
 Throughput was the same within noise."""
-"""Rows fetched per ``next_batch`` call across the FFI boundary."""
 
 CLOUD_SCHEMES = frozenset({"s3", "gs", "az"})
 LOCAL_SCHEMES = frozenset({"memory", "file"})
@@ -239,10 +241,10 @@ class SlateDBStore(KVStore):
         self._closed = False
         self._fenced = False
         self._eager_flush = eager_flush
-        self._flush_wanted = False
-        self._flusher: asyncio.Task[None] | None = None
         # Eager flushes are numbered; a commit that returned while ``n`` had
         # started is durable once a flush numbered above ``n`` has ended.
+        self._flush_wanted = False  # a flush is owed as soon as one ends
+        self._flushes: set[asyncio.Task[None]] = set()  # running
         self._flushes_started = 0
         self._flushes_done = 0
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -316,8 +318,8 @@ class SlateDBStore(KVStore):
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         try:
             await self._db.shutdown()
         except sdb.Error.Closed as exc:
@@ -350,9 +352,12 @@ class SlateDBStore(KVStore):
     async def _flushed_after(self, ticket: int) -> None:
         """Return once a WAL flush numbered above ``ticket`` has ended (``eager_flush`` only).
 
-        One flush runs at a time; every caller that arrives while it runs
-        waits for the next one, which then carries all their commits (group
-        commit), with one call into SlateDB for the lot.
+        A caller starts a flush unless one started after its commit already
+        runs; every commit that returned before a flush started shares it
+        (group commit).  SlateDB writes concurrent WAL flushes in parallel,
+        so a commit waits for about one flush, not for the end of one that
+        began before it and then its own; at most :data:`MAX_FLUSHES` run
+        at once.
 
         Raises:
             StoreFenced, StoreClosed, StoreError: the flush failed.
@@ -362,29 +367,34 @@ class SlateDBStore(KVStore):
         self._check_usable()
         waiter = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((ticket, waiter))
-        self._flush_wanted = True
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush_loop())
+        if self._flushes_started <= ticket:
+            self._start_flush()
         await waiter
 
-    async def _flush_loop(self) -> None:
+    def _start_flush(self) -> None:
+        if len(self._flushes) >= MAX_FLUSHES:
+            self._flush_wanted = True
+            return
+        self._flushes_started += 1
+        task = asyncio.ensure_future(self._flush(self._flushes_started))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, number: int) -> None:
+        """Flush number ``number``: it carries every commit that returned before it was numbered."""
         try:
-            while self._flush_wanted and not self._closed:
-                self._flush_wanted = False
-                self._flushes_started += 1
-                number = self._flushes_started
-                try:
-                    await self._db.flush_with_options(WAL_FLUSH)
-                except sdb.Error as exc:
-                    self._end_flush_waits(None, self._translate(exc))
-                    return
-                self._flushes_done = number
-                self._end_flush_waits(number)
-        finally:
-            self._flusher = None
+            await self._db.flush_with_options(WAL_FLUSH)
+        except sdb.Error as exc:
+            self._end_flush_waits(number, self._translate(exc))
+            return
+        self._flushes_done = max(self._flushes_done, number)
+        self._end_flush_waits(number)
+        if self._flush_wanted and not self._closed:
+            self._flush_wanted = False
+            self._start_flush()
 
     def _end_flush_waits(self, done: int | None, error: BaseException | None = None) -> None:
-        """Release the waiters that flush ``done`` covers (``None``: all of them), or fail them with ``error``."""
+        """Release the waiters that flush number ``done`` covers (``None``: all), or fail them with ``error``."""
         waiting = []
         for ticket, waiter in self._flush_waiters:
             if done is not None and ticket >= done:

@@ -203,6 +203,7 @@ async def test_read_commands_do_not_fence_a_running_writer(tmp_path) -> None:
         job = await writer.enqueue("live", b"two")
         claimed = await writer.claim("live")
         assert claimed is not None
+        await writer.store.sync()  # a claim returns before its WAL write; readers see durable state
 
         def read(*args: str) -> Any:
             result = CliRunner().invoke(main, [*args, "--json", "--store", url], catch_exceptions=False)

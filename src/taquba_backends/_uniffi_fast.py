@@ -129,14 +129,48 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
     assert from_bytes_address is not None  # a loaded library function has an address
     from_bytes_raw = ctypes.CFUNCTYPE(rust_buffer, ForeignBytes, ctypes.POINTER(call_status))(from_bytes_address)
 
-    def lower_bytes(value: Any) -> Any:
-        """``len`` as big-endian i32, then the bytes: one Rust buffer in one call."""
-        data = length.pack(len(value)) + bytes(value)
+    rustbuffer_base = gen._UniffiConverterRustBuffer
+    stock_lower = rustbuffer_base.lower
+
+    class BytesBuilder:
+        """The write API of ``_UniffiRustBufferBuilder``, collecting Python bytes instead."""
+
+        __slots__ = ("parts",)
+
+        def __init__(self) -> None:
+            self.parts: list[bytes] = []
+
+        def write(self, value: Any) -> None:
+            self.parts.append(bytes(value))
+
+    for name, fmt in (("i8", ">b"), ("u8", ">B"), ("i16", ">h"), ("u16", ">H"), ("i32", ">i"), ("u32", ">I"),
+                      ("i64", ">q"), ("u64", ">Q"), ("float", ">f"), ("double", ">d"), ("c_size_t", "@N")):
+        packer = struct.Struct(fmt).pack
+
+        def write_number(self: BytesBuilder, value: Any, packer: Any = packer) -> None:
+            self.parts.append(packer(value))
+
+        setattr(BytesBuilder, f"write_{name}", write_number)
+    missing = {n for n in dir(builder) if n.startswith("write")} - {n for n in dir(BytesBuilder) if n.startswith("write")}
+    if missing:
+        raise RuntimeError(f"buffer builder has writers the fast path lacks: {sorted(missing)}")
+
+    def raw_buffer(data: bytes) -> Any:
         status = call_status()
         buf = from_bytes_raw(ForeignBytes(len(data), data), byref(status))
         if status.code:
             check_status(None, status)
         return buf
+
+    def lower_bytes(value: Any) -> Any:
+        """``len`` as big-endian i32, then the bytes: one Rust buffer in one call."""
+        return raw_buffer(length.pack(len(value)) + bytes(value))
+
+    def lower_rustbuffer(cls: Any, value: Any) -> Any:
+        """A record, enum or sequence serialised in Python, then one Rust buffer in one call."""
+        out = BytesBuilder()
+        cls.write(value, out)
+        return raw_buffer(b"".join(out.parts))
 
     reserve = builder._reserve
 
@@ -279,10 +313,27 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
                 raise RuntimeError("buffer builder write does not round-trip")
         finally:
             raw.free()
+    key_range = gen._UniffiFfiConverterTypeKeyRange
+    flush_options = gen._UniffiFfiConverterTypeFlushOptions
+    record: Any
+    for converter, record in (
+        (key_range, gen.KeyRange(start=b"a", start_inclusive=True, end=None, end_inclusive=False)),
+        (key_range, gen.KeyRange(start=None, start_inclusive=False, end=bytes(range(256)), end_inclusive=True)),
+        (flush_options, gen.FlushOptions(flush_type=gen.FlushType.WAL)),
+        (gen._UniffiFfiConverterSequenceBytes, [b"", b"k", bytes(300)]),
+    ):
+        stock, fast = stock_lower.__func__(converter, record), lower_rustbuffer(converter, record)
+        try:
+            if ctypes.string_at(stock.data, stock.len) != ctypes.string_at(fast.data, fast.len):
+                raise RuntimeError(f"{converter.__name__} lowering differs from the stock one")
+        finally:
+            stock.free()
+            fast.free()
     # Keep the callback object alive for as long as the module is.
     rust_call_async.continuation = continuation  # type: ignore[attr-defined]
     return [
         (bytes_converter, "lower", staticmethod(lower_bytes)),
+        (rustbuffer_base, "lower", classmethod(lower_rustbuffer)),
         (builder, "write", builder_write),
         (gen, "_uniffi_rust_call_async", rust_call_async),
         (gen, "_uniffi_rust_call_with_error", rust_call_with_error),

@@ -501,7 +501,9 @@ class Queue:
         Each claimed job has its attempt counted and a lease of ``lease``
         seconds (default: the queue's).  Claims on one queue are serialised
         by an in-process lock, so they never fight through conflicts;
-        different queues claim in parallel.
+        different queues claim in parallel.  The claim returns without
+        waiting for durability (see the comment in the body): after a crash
+        the job is pending again either way.
 
         Raises:
             InvalidQueueName, InvalidArgument: bad input.
@@ -512,9 +514,11 @@ class Queue:
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
         prefix = keys.pending_prefix(queue)
         async with lock:
-            # Under the lock only the commit; the wait for durability runs
-            # outside it, so the next claim need not wait for this WAL flush
-            # (a later durable commit implies this one).
+            # Claims commit without waiting for durability (as upstream's
+            # later releases do): a claim lost with an unflushed WAL leaves the job
+            # pending, a durable one is requeued at open; the only difference
+            # is the attempt the durable claim consumed.  The settlement's
+            # durable commit makes the claim durable too.
             self._cursors.begin(prefix)
             last = None
             registered: set[str] = set()
@@ -534,14 +538,13 @@ class Queue:
 
             jobs: list[JobRecord] = []
             try:
-                jobs, durability = await self._transact(step, durable=False)
+                jobs, _ = await self._transact(step, durable=False)
                 if jobs:
                     last = keys.pending_key(queue, jobs[-1].priority, jobs[-1].id)
             finally:
                 self._cursors.end(prefix, last)
                 for job_id in registered.difference(job.id for job in jobs):
                     self._cancel_signals.pop(job_id, None)  # from an attempt that did not commit
-        await self._wait_durable(durability)
         if not jobs:
             # An empty claim may complete without suspending (no I/O); yield,
             # so that a caller polling in a loop cannot starve the sweeps.

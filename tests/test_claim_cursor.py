@@ -475,3 +475,52 @@ async def test_a_key_committed_after_a_claims_snapshot_is_not_skipped(
         assert await claim_id(queue) == normal[2]
     finally:
         await queue.close()
+
+
+# -- a queue known to be empty ---------------------------------------------------
+
+
+class CountingStore(ForwardingStore):
+    """Wraps a store and counts the transactions begun on it."""
+
+    def __init__(self, inner: KVStore) -> None:
+        super().__init__(inner)
+        self.begun = 0
+
+    def wrap(self, txn: Transaction) -> Transaction:
+        self.begun += 1
+        return txn
+
+
+async def test_claims_on_a_queue_found_empty_make_no_transaction_until_a_key_lands(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    store = CountingStore(await store_factory())
+    clock = ManualClock()
+    queue = await Queue.open(store, clock=clock, background=False,
+                             config=QueueConfig(backoff_base=0, max_attempts=3, lease=5))
+    try:
+        assert await claim_id(queue) is None  # scans, finds nothing
+        begun = store.begun
+        assert [await claim_id(queue) for _ in range(5)] == [None] * 5
+        assert store.begun == begun  # known empty: no transaction
+        # Each way a pending key lands makes the next claim look again.
+        job_id = await queue.enqueue("q", b"new")
+        job = await queue.claim("q")
+        assert job is not None and job.id == job_id and await claim_id(queue) is None
+        await queue.ack(job)
+        delayed = (await queue.enqueue_with("q", b"later", delay=1)).id
+        assert await claim_id(queue) is None
+        clock.advance(1_000)
+        await queue.promote_now()
+        job = await queue.claim("q")
+        assert job is not None and job.id == delayed and await claim_id(queue) is None
+        await queue.nack(job, "again")  # no backoff: straight back to pending
+        job = await queue.claim("q")
+        assert job is not None and job.id == delayed and await claim_id(queue) is None
+        clock.advance(10_000)
+        await queue.reap_now()  # the lease expired: pending again
+        assert await claim_id(queue) == delayed
+        await check_invariants(store.inner)
+    finally:
+        await queue.close()

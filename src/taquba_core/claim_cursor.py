@@ -33,6 +33,10 @@ Invariant (per range): every live key is above ``after``.
   ``end`` moves ``after`` to the last key the scan took, but not above a key
   that may have committed after the scan's snapshot, which the scan could
   not see: a key in flight when the scan began, or written while it ran.
+  ``end(..., drained=True)`` says the scan found no further key; when no
+  key can have committed unseen, the range is known to be empty and
+  ``known_empty`` answers true until the next ``written`` in it, so a
+  claimer polling an idle queue makes no transaction at all.
 
 A cursor is only ever a hint that can be too low (a longer scan), never too
 high: moving it up requires a scan that saw and took every key below.
@@ -46,13 +50,14 @@ from .keys import CLAIMED, PENDING, SCHEDULED
 
 
 class _Cursor:
-    __slots__ = ("after", "floor", "scanning", "in_flight")
+    __slots__ = ("after", "empty", "floor", "in_flight", "scanning")
 
     def __init__(self) -> None:
         self.after: bytes | None = None  # scan start (exclusive); None: from the beginning
         self.floor: bytes | None = None  # lowest key the running scan may not have seen
         self.scanning = False
         self.in_flight: dict[bytes, int] = {}  # keys written, commit not ended: how many times
+        self.empty = False  # no live key in the range (see ``end``)
 
 
 def range_of(key: bytes) -> bytes | None:
@@ -89,9 +94,14 @@ class ScanCursors:
         cursor.floor = min(cursor.in_flight) if cursor.in_flight else None
         return cursor.after
 
-    def end(self, prefix: bytes, last: bytes | None) -> None:
-        """The scan committed, taking every key up to ``last`` (``None``: it took nothing or failed)."""
+    def end(self, prefix: bytes, last: bytes | None, drained: bool = False) -> None:
+        """The scan committed, taking every key up to ``last`` (``None``: it took nothing or failed).
+
+        ``drained``: the scan's snapshot held no key after the ones it took.
+        """
         cursor = self._cursors[prefix]
+        if drained and cursor.floor is None:
+            cursor.empty = True  # nothing in flight when it began, nothing written since
         if last is not None:
             floor = cursor.floor
             cursor.after = last if floor is None or last < floor else floor
@@ -105,6 +115,7 @@ class ScanCursors:
             if prefix is None:
                 continue
             cursor = self._cursor(prefix)
+            cursor.empty = False
             below = key[:-1]  # sorts before ``key`` and after every key below it
             if cursor.after is not None and below < cursor.after:
                 cursor.after = below
@@ -125,6 +136,11 @@ class ScanCursors:
                 cursor.in_flight[below] = left
             else:
                 cursor.in_flight.pop(below, None)
+
+    def known_empty(self, prefix: bytes) -> bool:
+        """Whether a scan found ``prefix`` empty and no key was written in it since."""
+        cursor = self._cursors.get(prefix)
+        return cursor is not None and cursor.empty
 
     def after(self, prefix: bytes) -> bytes | None:
         """The current scan start of ``prefix`` (for tests and benchmarks)."""

@@ -519,8 +519,12 @@ class Queue:
             # pending, a durable one is requeued at open; the only difference
             # is the attempt the durable claim consumed.  The settlement's
             # durable commit makes the claim durable too.
+            if self._cursors.known_empty(prefix):
+                await asyncio.sleep(0)  # as an empty claim below: never starve the sweeps
+                return []
             self._cursors.begin(prefix)
             last = None
+            drained = False
             registered: set[str] = set()
 
             async def step(txn: Transaction) -> list[JobRecord]:
@@ -539,10 +543,11 @@ class Queue:
             jobs: list[JobRecord] = []
             try:
                 jobs, _ = await self._transact(step, durable=False)
+                drained = len(jobs) < n
                 if jobs:
                     last = keys.pending_key(queue, jobs[-1].priority, jobs[-1].id)
             finally:
-                self._cursors.end(prefix, last)
+                self._cursors.end(prefix, last, drained)
                 for job_id in registered.difference(job.id for job in jobs):
                     self._cancel_signals.pop(job_id, None)  # from an attempt that did not commit
         if not jobs:

@@ -20,6 +20,10 @@ equivalents that produce the same bytes and the same results:
 
 * a ``bytes`` argument becomes a Rust buffer in one ``rustbuffer_from_bytes``
   call, and the buffer builder copies runs of bytes with one ``memmove``;
+* a record, enum or sequence argument (a ``KeyRange``, ``FlushOptions``...)
+  is serialised into Python bytes by its own converter and becomes a Rust
+  buffer in one call, instead of a buffer grown and filled field by field
+  across the FFI (a ``KeyRange`` went from ~30 µs to ~4 µs);
 * a continuation that Rust invokes on the event loop's own thread (a future
   ready during ``poll``) resolves the awaited future directly, so the
   ``await`` completes without a loop round trip; a continuation from any other

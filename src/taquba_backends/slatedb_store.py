@@ -386,10 +386,10 @@ class SlateDBStore(KVStore):
             await self._db.flush_with_options(WAL_FLUSH)
         except sdb.Error as exc:
             self._end_flush_waits(number, self._translate(exc))
-            return
-        self._flushes_done = max(self._flushes_done, number)
-        self._end_flush_waits(number)
-        if self._flush_wanted and not self._closed:
+        else:
+            self._flushes_done = max(self._flushes_done, number)
+            self._end_flush_waits(number)
+        if self._flush_wanted and not self._closed:  # owed to a waiter that found MAX_FLUSHES running
             self._flush_wanted = False
             self._start_flush()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,15 @@ async def read(kv: KVStore, key: bytes) -> bytes | None:
     txn = await kv.begin()
     try:
         return await txn.get(key)
+    finally:
+        await txn.rollback()
+
+
+async def scan_all(kv: KVStore, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """The committed rows under ``prefix``."""
+    txn = await kv.begin()
+    try:
+        return await txn.scan(prefix)
     finally:
         await txn.rollback()
 
@@ -250,6 +260,94 @@ async def test_read_modify_write_under_contention_loses_no_update(store: KVStore
 
     await asyncio.gather(*(increment() for _ in range(10)))
     assert decode_counter(await read(store, b"c")) == 10
+
+
+async def test_put_or_delete_after_a_concurrent_merge_conflicts(store: KVStore) -> None:
+    await write(store, c=COUNTER.pack(10))
+    reader = await store.begin()
+    value = decode_counter(await reader.get(b"c"))
+    merger = await store.begin()
+    await merger.merge_counter(b"c", 1)
+    await merger.commit()
+    await reader.put(b"c", COUNTER.pack(value * 2))  # read-modify-write over a merge it did not see
+    with pytest.raises(StoreConflict):
+        await reader.commit()
+    assert decode_counter(await read(store, b"c")) == 11
+
+
+async def test_merges_go_on_from_a_put_or_delete_of_the_counter(store: KVStore) -> None:
+    for step in ("merge5", "put100", "merge1"):
+        txn = await store.begin()
+        if step == "put100":
+            await txn.put(b"n", COUNTER.pack(100))
+        else:
+            await txn.merge_counter(b"n", int(step[5:]))
+        await txn.commit()
+    assert decode_counter(await read(store, b"n")) == 101
+    await write(store, n=None)
+    txn = await store.begin()
+    await txn.merge_counter(b"n", 1)
+    await txn.commit()
+    assert decode_counter(await read(store, b"n")) == 1
+
+
+async def test_a_commit_waiting_for_its_turn_keeps_its_conflicts(store: KVStore) -> None:
+    """A commit queued behind another that writes many keys (enough to prune
+    the conflict bookkeeping) is still checked against it."""
+    await write(store, k=b"0")
+    first, second = await store.begin(), await store.begin()
+    assert await first.get(b"k") == await second.get(b"k") == b"0"
+    await second.put(b"k", b"second")
+    for i in range(PRUNE_MIN + 100):
+        await second.put(b"filler%05d" % i, b"x")
+    await first.put(b"k", b"first")
+    second_commit = asyncio.ensure_future(second.commit())
+    await asyncio.sleep(0)
+    with pytest.raises(StoreConflict):
+        await first.commit()
+    await second_commit
+    assert await read(store, b"k") == b"second"
+
+
+async def test_cancelled_commits_lose_no_update_and_no_count(store: KVStore) -> None:
+    """Callers cancelled while their commit is being written: whatever landed landed whole,
+    and the commits after it neither miss it in their conflict check nor in the counter."""
+    rng = random.Random(7)
+
+    async def increment(tag: str) -> None:
+        while True:
+            txn = await store.begin()
+            value = decode_counter(await txn.get(b"x"))
+            await txn.put(b"x", COUNTER.pack(value + 1))
+            await txn.put(b"d:" + tag.encode(), b"v")
+            await txn.merge_counter(b"c", 1)
+            try:
+                await txn.commit(durable=False)
+                return
+            except StoreConflict:
+                continue
+
+    for i in range(300):
+        task = asyncio.ensure_future(increment(f"a{i}"))
+        behind = asyncio.ensure_future(increment(f"b{i}"))
+        for _ in range(rng.randrange(4)):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, behind, return_exceptions=True)
+    landed = len(await scan_all(store, b"d:"))
+    assert decode_counter(await read(store, b"x")) == landed
+    assert decode_counter(await read(store, b"c")) == landed
+
+
+async def test_an_empty_key_is_a_typed_error(store: KVStore) -> None:
+    txn = await store.begin()
+    with pytest.raises(InvalidArgument, match="empty"):
+        await txn.put(b"", b"v")
+    with pytest.raises(InvalidArgument, match="empty"):
+        await txn.delete(b"")
+    with pytest.raises(InvalidArgument, match="empty"):
+        await txn.merge_counter(b"", 1)
+    await txn.rollback()
 
 
 async def test_merge_delta_must_be_int64(store: KVStore) -> None:

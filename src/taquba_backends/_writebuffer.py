@@ -46,6 +46,17 @@ def counter_plus(url: str, key: bytes, value: bytes | None, delta: int) -> bytes
         raise CorruptRecord(f"key {key!r} of store {url} holds {value!r:.60}, not a counter (+{delta})") from exc
 
 
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` when it can be written (non-empty).
+
+    Raises:
+        InvalidArgument: ``key`` is empty.
+    """
+    if not key:
+        raise InvalidArgument("keys must not be empty")
+    return key
+
+
 class WriteBuffer:
     """The buffered writes of one transaction.
 
@@ -61,16 +72,16 @@ class WriteBuffer:
         self.merges: dict[bytes, int] = {}
 
     def put(self, key: bytes, value: bytes) -> None:
-        self.writes[key] = bytes(value)
+        self.writes[check_key(key)] = bytes(value)
         self.merges.pop(key, None)
 
     def delete(self, key: bytes) -> None:
-        self.writes[key] = None
+        self.writes[check_key(key)] = None
         self.merges.pop(key, None)
 
     def merge(self, key: bytes, delta: int) -> None:
-        """Add ``delta``; raises :class:`InvalidArgument` when it is not a signed 64-bit int."""
-        self.merges[key] = self.merges.get(key, 0) + check_delta(delta)
+        """Add ``delta``; raises :class:`InvalidArgument` for an empty key or a delta that is not int64."""
+        self.merges[check_key(key)] = self.merges.get(key, 0) + check_delta(delta)
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.merges)

@@ -457,7 +457,40 @@ class SlateDBStore(KVStore):
                     raise StoreConflict(f"key {key!r} was written by a concurrent commit in store {self.url}")
             writes, merges = buffer.folded()
             counters = {key: counter_plus(self.url, key, await self._counter(key), d) for key, d in merges.items()}
-            batch = sdb.WriteBatch()
+            batch = self._batch(writes, counters)
+            self._seq += 1
+            for key in (*writes, *counters):  # a put or delete conflicts with an earlier merge too
+                self._last_write[key] = self._seq
+            self._writing = True
+            # Shielded: a caller cancelled here must not end the commit while
+            # SlateDB may still apply the batch; the lock, ``_writing`` and the
+            # counter values stay as they are until the write really ended.
+            write = asyncio.ensure_future(self._call(self._db.write(batch)))
+            try:
+                handle = await asyncio.shield(write)
+            except BaseException:
+                if not write.done():
+                    await asyncio.wait([write])
+                self._counters.clear()  # the batch may or may not be applied: read them again
+                raise
+            finally:
+                self._writing = False
+            for key, value in writes.items():
+                if key in self._counters:  # a counter key overwritten by a put or delete
+                    self._counters[key] = value
+            self._counters.update(counters)
+            if len(self._last_write) > self._prune_at:
+                self._prune()
+            return handle
+
+    def _batch(self, writes: dict[bytes, bytes | None], counters: dict[bytes, bytes]) -> sdb.WriteBatch:
+        """One SlateDB write batch of ``writes`` (``None``: delete) and ``counters``.
+
+        Raises:
+            StoreError: SlateDB refused a key or value (an empty key, say).
+        """
+        batch = sdb.WriteBatch()
+        try:
             for key, value in writes.items():
                 if value is None:
                     batch.delete(key)
@@ -465,21 +498,9 @@ class SlateDBStore(KVStore):
                     batch.put(key, value)
             for key, value in counters.items():
                 batch.put(key, value)
-            self._seq += 1
-            for key in writes:
-                self._last_write[key] = self._seq
-            self._writing = True
-            try:
-                handle = await self._call(self._db.write(batch))
-            except BaseException:
-                self._counters.clear()  # the batch may or may not be applied: read them again
-                raise
-            finally:
-                self._writing = False
-            self._counters.update(counters)
-            if len(self._last_write) > self._prune_at:
-                self._prune()
-            return handle
+        except sdb.Error as exc:
+            raise self._translate(exc) from exc
+        return batch
 
     async def _counter(self, key: bytes) -> bytes | None:
         """The counter under ``key`` as the last commit left it (called under the commit lock)."""
@@ -652,10 +673,14 @@ class SlateDBTransaction(Transaction):
         """
         self._check_usable()
         buffer = self._buffer
-        self._finish()
+        self._finish(keep_open=bool(buffer))
         if not buffer:
             return DURABLE
-        handle = await self._store._apply(self._start, buffer)
+        try:
+            handle = await self._store._apply(self._start, buffer)
+        finally:
+            # Only now: until its check has run, pruning must keep what it checks against.
+            self._store._open.discard(self)
         pending = SlateDBDurability(self._store, handle)
         if not durable:
             return pending
@@ -667,8 +692,9 @@ class SlateDBTransaction(Transaction):
         if not self._done:
             self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, keep_open: bool = False) -> None:
         self._done = True
         self._snapshot = None
         self._buffer = WriteBuffer()
-        self._store._open.discard(self)
+        if not keep_open:
+            self._store._open.discard(self)

@@ -310,8 +310,8 @@ async def test_a_commit_waiting_for_its_turn_keeps_its_conflicts(store: KVStore)
 
 
 async def test_cancelled_commits_lose_no_update_and_no_count(store: KVStore) -> None:
-    """Callers cancelled while their commit is being written: whatever landed landed whole,
-    and the commits after it neither miss it in their conflict check nor in the counter."""
+    """Callers cancelled (once or twice) while their commit is being written: whatever landed
+    landed whole, and the commits after it neither miss it in their conflict check nor in the counter."""
     rng = random.Random(7)
 
     async def increment(tag: str) -> None:
@@ -333,6 +333,9 @@ async def test_cancelled_commits_lose_no_update_and_no_count(store: KVStore) -> 
         for _ in range(rng.randrange(4)):
             await asyncio.sleep(0)
         task.cancel()
+        if i % 2:  # and again, while it waits for its write to end
+            await asyncio.sleep(0)
+            task.cancel()
         await asyncio.gather(task, behind, return_exceptions=True)
     landed = len(await scan_all(store, b"d:"))
     assert decode_counter(await read(store, b"x")) == landed
@@ -478,6 +481,38 @@ async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> 
     await asyncio.sleep(0)  # the waits start
     await kv.close()
     await asyncio.wait_for(waits, timeout=10)  # durable: the clean shutdown wrote the WAL
+
+
+async def test_a_cancelled_close_still_closes_and_releases_every_waiter(tmp_path: Path) -> None:
+    url = (tmp_path / "db").as_uri()
+    kv = await SlateDBStore.open(url)
+
+    returned: set[bytes] = set()
+
+    async def committer(i: int) -> str:
+        n = 0
+        while True:
+            try:
+                await write(kv, **{f"k{i}-{n}": b"v"})
+            except StoreClosed:
+                return "closed"
+            returned.add(f"k{i}-{n}".encode())
+            n += 1
+
+    committers = [asyncio.ensure_future(committer(i)) for i in range(16)]
+    while len(returned) < 16 or not kv._flushes:  # some commits returned, WAL flushes in flight
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(kv.close())
+    await asyncio.sleep(0)
+    closing.cancel()  # a shutdown timeout, say
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await kv.close()  # waits for the same shutdown
+    assert await asyncio.wait_for(asyncio.gather(*committers), timeout=10) == ["closed"] * 16
+    reopened = await open_store(url)
+    landed = {k for k, _ in await scan_all(reopened, b"k")}
+    await reopened.close()
+    assert returned and returned <= landed  # every commit that returned durable is there
 
 
 async def test_second_writer_fences_the_first(tmp_path: Path) -> None:

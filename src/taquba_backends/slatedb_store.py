@@ -245,6 +245,7 @@ class SlateDBStore(KVStore):
         # started is durable once a flush numbered above ``n`` has ended.
         self._flush_wanted = False  # a flush is owed as soon as one ends
         self._flushes: set[asyncio.Task[None]] = set()  # running
+        self._closing: asyncio.Future[None] | None = None  # the shutdown, once close() was called
         self._flushes_started = 0
         self._flushes_done = 0
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -315,11 +316,16 @@ class SlateDBStore(KVStore):
         Raises:
             StoreError: SlateDB failed to shut down cleanly.
         """
-        if self._closed:
-            return
-        self._closed = True
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._shut_down())
+        # Shielded: a caller cancelled here leaves the shutdown running, and
+        # a second close() waits for the same one.
+        await asyncio.shield(self._closing)
+
+    async def _shut_down(self) -> None:
         if self._flushes:
-            await asyncio.gather(*self._flushes, return_exceptions=True)
+            await asyncio.wait(self._flushes)
         try:
             await self._db.shutdown()
         except sdb.Error.Closed as exc:
@@ -364,7 +370,14 @@ class SlateDBStore(KVStore):
         """
         if self._flushes_done > ticket:
             return
-        self._check_usable()
+        if self._fenced:
+            raise self._fenced_error()
+        if self._closing is not None:
+            # The write happened before the close, whose clean shutdown writes it out.
+            await asyncio.shield(self._closing)
+            if self._fenced:
+                raise self._fenced_error()
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((ticket, waiter))
         if self._flushes_started <= ticket:
@@ -386,6 +399,9 @@ class SlateDBStore(KVStore):
             await self._db.flush_with_options(WAL_FLUSH)
         except sdb.Error as exc:
             self._end_flush_waits(number, self._translate(exc))
+        except BaseException:
+            self._end_flush_waits(number, StoreError(f"a WAL flush of store {self.url} was cancelled"))
+            raise
         else:
             self._flushes_done = max(self._flushes_done, number)
             self._end_flush_waits(number)
@@ -469,9 +485,8 @@ class SlateDBStore(KVStore):
             try:
                 handle = await asyncio.shield(write)
             except BaseException:
-                if not write.done():
-                    await asyncio.wait([write])
                 self._counters.clear()  # the batch may or may not be applied: read them again
+                await _outlast(write)
                 raise
             finally:
                 self._writing = False
@@ -514,6 +529,15 @@ class SlateDBStore(KVStore):
         horizon = min(horizon, self._visible_seq())
         self._last_write = {key: seq for key, seq in self._last_write.items() if seq > horizon}
         self._prune_at = max(PRUNE_MIN, 2 * len(self._last_write))
+
+
+async def _outlast(task: asyncio.Future[object]) -> None:
+    """Wait until ``task`` is done, through any number of cancellations of the caller."""
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            continue
 
 
 class SlateDBDurability(Durability):

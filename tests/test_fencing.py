@@ -106,3 +106,31 @@ async def test_second_writer_process_fences_the_first(tmp_path: Path, caplog: py
     assert len(pending) == N - len(done) + 1  # plus the second writer's job
     assert done <= set(acked)  # every done marker came from a handler run of the first writer
     print(f"first writer acked {len(done)} jobs before it was fenced; {len(pending)} pending for the second")
+
+
+async def test_an_idle_worker_stops_when_another_writer_takes_the_store(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker with nothing to do never writes; the background sweeps notice the
+    takeover and the worker stops instead of idling on a store it may not write."""
+    caplog.set_level(logging.INFO, logger="taquba")
+    url = f"file://{tmp_path / 'store'}"
+    first = await Queue.open(await open_store(url), promote_interval=0.05, reap_interval=0.05)
+    try:
+
+        async def handler(job: object) -> None:
+            return None
+
+        worker = asyncio.create_task(run_worker_concurrent(first, QUEUE, handler, poll_interval=30))
+        await asyncio.sleep(0.2)  # idle: the queue is empty
+        second = await open_store(url)  # another writer (in this process, for speed)
+        try:
+            with pytest.raises(StoreFenced):
+                await asyncio.wait_for(worker, timeout=20)
+            with pytest.raises(StoreFenced):
+                await first.claim(QUEUE)
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    assert any("can no longer write" in r.getMessage() for r in caplog.records)

@@ -179,7 +179,7 @@ def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
             click.echo(f"worker on {queue!r} ({concurrency} at once); Ctrl-C to stop", err=True)
             stats = await run_worker_concurrent(q, queue, func, concurrency=concurrency, shutdown=shutdown)
         click.echo(
-            f"stopped: {stats.acked} acked, {stats.nacked} failed and will retry, "
+            f"stopped: {stats.acked} acked, {stats.nacked} failed (retry scheduled), "
             f"{stats.dead_lettered} dead-lettered",
             err=True,
         )

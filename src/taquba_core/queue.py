@@ -24,6 +24,7 @@ from .errors import (
     InvalidArgument,
     StoreClosed,
     StoreConflict,
+    StoreFenced,
     TaqubaError,
 )
 from .ids import new_job_id
@@ -214,6 +215,7 @@ class Queue:
         self._completed = Notifier()
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._wakes: dict[str, int] = {}  # per queue: how many times wake() was called
+        self._fenced: StoreFenced | None = None  # set once another writer took the store over
         self._claim_locks: dict[str, asyncio.Lock] = {}
         self._cursors = ScanCursors()
         self._sweep_locks: dict[bytes, asyncio.Lock] = {}
@@ -305,12 +307,24 @@ class Queue:
     def closed(self) -> bool:
         return self._closed
 
+    def _fenced_by(self, exc: StoreFenced) -> None:
+        """Another writer took the store over: every later claim raises ``exc``, and
+        waiting claimers are woken to learn it (an idle worker would not write, so
+        it would never find out by itself)."""
+        if self._fenced is None:
+            self._fenced = exc
+            log.error("this process can no longer write the store; its workers stop: %s", exc)
+            self._available.notify_all()
+
     async def _tick(self, sweep: Callable[[], Awaitable[int]], interval: float) -> None:
         while True:
             try:
                 await sweep()
             except asyncio.CancelledError:
                 raise
+            except StoreFenced as exc:
+                self._fenced_by(exc)
+                return
             except TaqubaError as exc:
                 if exc.is_permanent:
                     log.error("background sweep stopped: %s", exc)
@@ -349,8 +363,10 @@ class Queue:
                 self._counters.commit_ended([])
                 await asyncio.sleep(random.uniform(0, 0.001 * min(2**attempt, 64)))
                 continue
-            except BaseException:
+            except BaseException as exc:
                 self._counters.commit_ended(None)  # the outcome is unknown: re-read the counters
+                if isinstance(exc, StoreFenced):
+                    self._fenced_by(exc)
                 raise
             finally:
                 if txn.scan_keys:
@@ -511,6 +527,8 @@ class Queue:
         keys.validate_queue_name(queue)
         check_positive_int("n", n)
         lease_ms = self.lease_ms(queue, lease)
+        if self._fenced is not None:
+            raise self._fenced
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
         prefix = keys.pending_prefix(queue)
         async with lock:

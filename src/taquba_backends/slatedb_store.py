@@ -226,12 +226,15 @@ class SlateDBStore(KVStore):
 
     With ``eager_flush`` (local and in-memory object stores), a commit that
     waits for durability asks for a WAL flush at once instead of waiting for
-    the flush timer: one flush runs at a time, and the commits that arrive
-    while it runs share the next one (group commit).  A lone caller then
-    waits for one WAL write (~1 ms on a local disk) instead of up to a flush
-    interval; under load the flushes follow one another and each carries
-    every commit made meanwhile.  Cloud stores keep to the flush interval,
-    which bounds their PUT requests.
+    the flush timer, unless one started after its write already runs; every
+    commit that returned before a flush started shares it (group commit),
+    and up to :data:`MAX_FLUSHES` run at once (see :meth:`_flushed_after`).
+    A lone caller then waits for one WAL write (~0.5 ms on a local disk)
+    instead of up to a flush interval.  Cloud stores keep to the flush
+    interval, which bounds their PUT requests.
+
+    Transactions are checked for conflicts and committed by this process
+    (see :class:`SlateDBTransaction`).
     """
 
     def __init__(self, db: sdb.Db, url: str, *, eager_flush: bool = False) -> None:

@@ -523,12 +523,14 @@ class Queue:
 
         Raises:
             InvalidQueueName, InvalidArgument: bad input.
+            StoreFenced: another writer took the store over (noticed by this
+                claim, an earlier commit or a background sweep).
         """
         keys.validate_queue_name(queue)
         check_positive_int("n", n)
         lease_ms = self.lease_ms(queue, lease)
         if self._fenced is not None:
-            raise self._fenced
+            raise StoreFenced(str(self._fenced))
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
         prefix = keys.pending_prefix(queue)
         async with lock:

@@ -16,9 +16,9 @@ from typing import Any
 from collections.abc import Awaitable, Callable
 
 from queue_helpers import check_invariants, dump_store
-from taquba_core import KVStore, ManualClock, Queue, QueueConfig, keys, transitions
+from taquba_core import KVStore, ManualClock, Queue, QueueConfig, claim_cursor, keys, transitions
 from taquba_core.kv import Durability, ForwardingStore, ForwardingTransaction, Transaction
-from taquba_core.record import JobStatus
+from taquba_core.record import JobRecord, JobStatus
 
 PREFIX = keys.pending_prefix("q")
 
@@ -477,19 +477,31 @@ async def test_a_key_committed_after_a_claims_snapshot_is_not_skipped(
         await queue.close()
 
 
-# -- a queue known to be empty ---------------------------------------------------
+# -- a queue whose live keys are known ---------------------------------------------------
+
+
+class _ScanCountingTransaction(ForwardingTransaction):
+    def __init__(self, inner: Transaction, store: "CountingStore") -> None:
+        super().__init__(inner)
+        self.store = store
+
+    async def scan(self, prefix: bytes, **kwargs: Any) -> list[tuple[bytes, bytes]]:
+        if prefix == PREFIX:
+            self.store.scans += 1
+        return await self.inner.scan(prefix, **kwargs)
 
 
 class CountingStore(ForwardingStore):
-    """Wraps a store and counts the transactions begun on it."""
+    """Wraps a store and counts the transactions begun on it and their scans of ``pending:q:``."""
 
     def __init__(self, inner: KVStore) -> None:
         super().__init__(inner)
         self.begun = 0
+        self.scans = 0
 
     def wrap(self, txn: Transaction) -> Transaction:
         self.begun += 1
-        return txn
+        return _ScanCountingTransaction(txn, self)
 
 
 async def test_claims_on_a_queue_found_empty_make_no_transaction_until_a_key_lands(
@@ -522,5 +534,150 @@ async def test_claims_on_a_queue_found_empty_make_no_transaction_until_a_key_lan
         await queue.reap_now()  # the lease expired: pending again
         assert await claim_id(queue) == delayed
         await check_invariants(store.inner)
+    finally:
+        await queue.close()
+
+
+async def counting_queue(store_factory: Callable[[], Awaitable[KVStore]]) -> tuple[Queue, CountingStore]:
+    store = CountingStore(await store_factory())
+    queue = await Queue.open(store, clock=ManualClock(), background=False,
+                             config=QueueConfig(backoff_base=0, max_attempts=3, lease=5))
+    return queue, store
+
+
+async def test_claims_on_a_drained_queue_read_known_keys_in_claim_order(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    queue, store = await counting_queue(store_factory)
+    try:
+        first = await queue.enqueue("q", b"first")
+        assert await claim_id(queue) == first  # scans; one row: drained
+        scans = store.scans
+        low = (await queue.enqueue_with("q", b"low", priority=2000)).id
+        normal = await queue.enqueue("q", b"normal")
+        urgent = (await queue.enqueue_with("q", b"urgent", priority=1)).id
+        assert [job.id for job in await queue.claim_batch("q", 2)] == [urgent, normal]
+        job = await queue.claim("q")
+        assert job is not None and job.id == low
+        await queue.nack(job, "again")  # back to pending under the same key
+        assert await claim_id(queue) == low
+        assert await claim_id(queue) is None
+        assert store.scans == scans  # all read as known keys
+        await check_invariants(store.inner)
+    finally:
+        await queue.close()
+
+
+async def test_a_known_key_removed_by_a_cancel_is_dropped(store_factory: Callable[[], Awaitable[KVStore]]) -> None:
+    queue, store = await counting_queue(store_factory)
+    try:
+        assert await claim_id(queue) is None
+        gone = await queue.enqueue("q", b"cancelled")
+        kept = await queue.enqueue("q", b"kept")
+        assert (await queue.cancel(gone)).name == "REMOVED"
+        assert await claim_id(queue) == kept  # reads the cancelled key, finds it absent
+        assert await claim_id(queue) is None
+        begun = store.begun
+        assert await claim_id(queue) is None
+        assert store.begun == begun  # both keys left the known set: no transaction
+    finally:
+        await queue.close()
+
+
+async def test_a_key_in_flight_when_a_claim_reads_it_stays_known(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    """An enqueue announced before a claim but committed after its snapshot:
+    the claim reads the key as absent and must keep it for the next claim."""
+    store = HoldingStore(await store_factory(), PREFIX)
+    queue = await Queue.open(store, clock=ManualClock(), background=False)
+    try:
+        assert await claim_id(queue) is None  # drained: the known set is kept (empty)
+        store.hold.set()
+        late = asyncio.create_task(queue.enqueue("q", b"late"))
+        await store.holding.wait()  # announced (known), not committed
+        store.hold.clear()
+        assert await claim_id(queue) is None  # its snapshot cannot see the job
+        store.release.set()
+        late_id = await late
+        assert await claim_id(queue) == late_id
+        assert await claim_id(queue) is None
+    finally:
+        await queue.close()
+
+
+def test_a_key_written_while_a_claim_ran_stays_known() -> None:
+    """A key a claim took (or read as absent) is written again while the claim ran
+    (a nack putting the job back under the same key): it stays a candidate."""
+    cursors = claim_cursor.ScanCursors()
+    a, b, c = PREFIX + b"a", PREFIX + b"b", PREFIX + b"c"
+    cursors.begin(PREFIX)
+    cursors.end(PREFIX, None, drained=True)
+    assert cursors.known_empty(PREFIX)
+    cursors.written([a, b, c])
+    cursors.settled([a, b, c])
+    read = cursors.candidates(PREFIX)
+    assert read == [a, b, c]
+    cursors.begin(PREFIX)
+    cursors.written([a])  # while the claim runs
+    cursors.end(PREFIX, b, drained=False, read=read)  # took a and b (not c)
+    assert cursors.candidates(PREFIX) == [a, c]
+    cursors.settled([a])
+    cursors.begin(PREFIX)
+    cursors.end(PREFIX, c, drained=False, read=[a, c])  # a found absent, c taken, another row beyond
+    assert cursors.candidates(PREFIX) == []
+
+
+async def test_concurrent_operations_never_strand_a_pending_job(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    """Enqueues, claims, nacks, cancels and acks racing each other on a shallow
+    queue: afterwards claims find every job left pending, in order."""
+    for seed in range(3):
+        rng = random.Random(seed)
+        queue = await Queue.open(await store_factory(), clock=ManualClock(), background=False,
+                                 config=QueueConfig(backoff_base=0, max_attempts=1000))
+        try:
+            async def actor(steps: int, rng: random.Random) -> None:
+                for _ in range(steps):
+                    op = rng.random()
+                    if op < 0.35:
+                        await queue.enqueue_with("q", b"x", priority=rng.choice([1, 1000, 1000]))
+                    elif op < 0.45:
+                        job_id = await queue.enqueue("q", b"x")
+                        await queue.cancel(job_id)
+                    else:
+                        job = await queue.claim("q")
+                        if job is not None:
+                            await asyncio.sleep(0)
+                            await (queue.nack(job, "again") if rng.random() < 0.4 else queue.ack(job))
+
+            await asyncio.gather(*(actor(60, random.Random(rng.random())) for _ in range(6)))
+            left = []
+            while (expected := await head_of(queue)) is not None:
+                job = await queue.claim("q")
+                assert job is not None and job.id == expected
+                left.append(job)
+            assert await queue.claim("q") is None
+            for job in left:
+                await queue.ack(job)
+            await check_invariants(queue.store)
+        finally:
+            await queue.close()
+
+
+async def test_more_keys_than_kept_make_claims_scan_again(store_factory: Callable[[], Awaitable[KVStore]]) -> None:
+    queue, store = await counting_queue(store_factory)
+    try:
+        assert await claim_id(queue) is None
+        ids = await queue.enqueue_batch("q", [b"%d" % i for i in range(claim_cursor.MAX_KNOWN + 5)])
+        scans = store.scans
+        assert await drain(queue, len(ids)) == ids
+        assert store.scans > scans  # too many to keep: scanned
+        assert await claim_id(queue) is None  # drained again: keys known from here on
+        scans = store.scans
+        late = await queue.enqueue("q", b"late")
+        assert await claim_id(queue) == late
+        assert store.scans == scans
     finally:
         await queue.close()

@@ -545,29 +545,32 @@ class Queue:
             self._cursors.begin(prefix)
             last = None
             drained = False
+            read: list[bytes] | None = None  # the candidates the last attempt read
             registered: set[str] = set()
 
-            async def step(txn: Transaction) -> list[JobRecord]:
+            async def step(txn: Transaction) -> tuple[list[JobRecord], bool]:
+                nonlocal read
                 # Read the cursor after the snapshot was taken: every key in
-                # the snapshot was reported (lowering it) before it committed.
+                # the snapshot was reported (lowering it, joining the known
+                # keys) before it committed.
                 after = self._cursors.after(prefix)
-                jobs = await transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after)
+                read = self._cursors.candidates(prefix)
+                jobs, drained = await transitions.claim_batch(txn, queue, n, self._now(), lease_ms, after, read)
                 # Each claim's cancel signal exists before its commit, so a
                 # cancel() landing right after the commit finds and sets it.
                 for job in jobs:
                     if job.id not in self._cancel_signals:
                         self._cancel_signals[job.id] = asyncio.Event()
                         registered.add(job.id)
-                return jobs
+                return jobs, drained
 
             jobs: list[JobRecord] = []
             try:
-                jobs, _ = await self._transact(step, durable=False)
-                drained = len(jobs) < n
+                (jobs, drained), _ = await self._transact(step, durable=False)
                 if jobs:
                     last = keys.pending_key(queue, jobs[-1].priority, jobs[-1].id)
             finally:
-                self._cursors.end(prefix, last, drained)
+                self._cursors.end(prefix, last, drained, read)
                 for job_id in registered.difference(job.id for job in jobs):
                     self._cancel_signals.pop(job_id, None)  # from an attempt that did not commit
         if not jobs:

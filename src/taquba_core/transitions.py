@@ -9,7 +9,7 @@ spaces rewrites ``jobindex:{id}`` and merges the matching counter deltas.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import keys
@@ -114,13 +114,38 @@ async def scan_records(
         rows = await txn.scan(prefix, start_after=start_after, end=end, limit=want)
         for key, value in rows:
             start_after = key
-            try:
-                out.append((key, decode_record(value, key)))
-            except CorruptRecord as exc:
-                await quarantine(txn, key, value, exc)
+            job = await _decode_or_quarantine(txn, key, value)
+            if job is not None:
+                out.append((key, job))
         if len(rows) < want:
             break
     return out
+
+
+async def read_records(txn: Transaction, candidates: Iterable[bytes], limit: int) -> list[tuple[bytes, JobRecord]]:
+    """Up to ``limit`` (key, record) pairs of the ``candidates`` that are stored, in the order given.
+
+    Point reads instead of a scan (a claim on a queue whose live keys are
+    known, see :mod:`taquba_core.claim_cursor`); absent keys are skipped and
+    undecodable values quarantined as by :func:`scan_records`.
+    """
+    out: list[tuple[bytes, JobRecord]] = []
+    for key in candidates:
+        if len(out) == limit:
+            break
+        value = await txn.get(key)
+        job = None if value is None else await _decode_or_quarantine(txn, key, value)
+        if job is not None:
+            out.append((key, job))
+    return out
+
+
+async def _decode_or_quarantine(txn: Transaction, key: bytes, value: bytes) -> JobRecord | None:
+    try:
+        return decode_record(value, key)
+    except CorruptRecord as exc:
+        await quarantine(txn, key, value, exc)
+        return None
 
 
 async def quarantine(txn: Transaction, key: bytes, value: bytes, error: Exception) -> None:
@@ -188,23 +213,38 @@ async def insert(txn: Transaction, job: JobRecord, kv_writes: KvWrites | None = 
 
 
 async def claim_batch(
-    txn: Transaction, queue: str, limit: int, now: int, lease_ms: int, start_after: bytes | None = None
-) -> list[JobRecord]:
+    txn: Transaction,
+    queue: str,
+    limit: int,
+    now: int,
+    lease_ms: int,
+    start_after: bytes | None = None,
+    candidates: Sequence[bytes] | None = None,
+) -> tuple[list[JobRecord], bool]:
     """Move up to ``limit`` jobs from the head of ``pending:{queue}:`` to claimed.
 
     ``start_after`` is the queue's claim cursor (see
     :mod:`taquba_core.claim_cursor`): no pending key of the queue at or
     below it is live, so the scan starts there instead of walking the
-    deleted keys in front of the head.
+    deleted keys in front of the head.  ``candidates``, when given, are
+    the cursor's known keys in order, a superset of the queue's live
+    pending keys: they are read one by one instead of scanning.
+
+    Returns the claimed jobs and whether the queue is drained: the
+    transaction's snapshot holds no further pending job of ``queue`` (one
+    more row is read to tell).
 
     Each claim consumes an attempt and releases the job's dedup key (the
     record keeps no dedup key afterwards, so a later retry cannot delete a
     dedup entry that by then belongs to another job — the bug fixed upstream
     in the 0.5.0 claim path).
     """
-    rows = await scan_records(txn, keys.pending_prefix(queue), start_after=start_after, limit=limit)
+    if candidates is None:
+        rows = await scan_records(txn, keys.pending_prefix(queue), start_after=start_after, limit=limit + 1)
+    else:
+        rows = await read_records(txn, candidates, limit + 1)
     claimed = []
-    for key, job in rows:
+    for key, job in rows[:limit]:
         if job.dedup_key is not None:
             await txn.delete(keys.dedup_key(queue, job.dedup_key))
         new = replace(
@@ -218,7 +258,7 @@ async def claim_batch(
         )
         await _move(txn, key, job, new)
         claimed.append(new)
-    return claimed
+    return claimed, len(rows) <= limit
 
 
 async def load_claim(txn: Transaction, job: JobRecord) -> tuple[bytes, JobRecord]:

@@ -780,3 +780,18 @@ async def test_cancel_racing_a_settlement_leaves_no_signal_behind(queue) -> None
         again = await queue.claim("q")
         assert again.cancellation.is_set() == again.cancel_requested
         await queue.ack(again)
+
+
+async def test_a_store_belongs_to_one_open_queue(store_factory) -> None:  # type: ignore[no-untyped-def]
+    # A second queue writing the same store object would not see the first
+    # one's pending keys in its claim cursor (it would report the queue empty).
+    store = await store_factory()
+    first = await Queue.open(store, background=False)
+    try:
+        with pytest.raises(InvalidArgument, match="already belongs to an open Queue"):
+            await Queue.open(store, background=False)
+        job_id = await first.enqueue("q", b"x")
+        job = await first.claim("q")
+        assert job is not None and job.id == job_id
+    finally:
+        await first.close()

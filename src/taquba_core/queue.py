@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,8 @@ from .kvapi import check_kv_key, check_kv_writes
 from .kv import Durability, KVStore, Transaction
 from .notify import Notifier
 from .record import JobRecord, JobStatus
+
+_WRITING: weakref.WeakSet[KVStore] = weakref.WeakSet()  # stores an open queue writes
 
 log = logging.getLogger("taquba")
 
@@ -256,12 +259,22 @@ class Queue:
             background: start the promoter and reaper tasks (turn off in
                 tests that drive :meth:`promote_now` / :meth:`reap_now`).
 
+        Raises:
+            InvalidArgument: ``store`` (a writable one) already belongs to
+                another open queue; two queues writing one store object
+                would not see each other's keys in their claim cursors.
+
         Every claimed record found at open belongs to a process that no
         longer runs (one writer per store), so it is re-queued at once, or
         dead-lettered when out of attempts, before ``open`` returns
         (reference: taquba 0.11.0 changed recovery to this from waiting
         out the recorded lease).
         """
+        if not store.read_only and store in _WRITING:
+            raise InvalidArgument(
+                f"store {getattr(store, 'url', store)!r} already belongs to an open Queue: share that Queue "
+                "(its cursors and counters assume no other writer), or close it first"
+            )
         queue = cls(
             store,
             config=config,
@@ -270,11 +283,17 @@ class Queue:
             promote_interval=promote_interval,
             reap_interval=reap_interval,
         )
-        await queue._read(queue._counters.load)
         if not store.read_only:
-            await queue.recover()
-            if background:
-                queue.start_background()
+            _WRITING.add(store)
+        try:
+            await queue._read(queue._counters.load)
+            if not store.read_only:
+                await queue.recover()
+        except BaseException:
+            _WRITING.discard(store)
+            raise
+        if background and not store.read_only:
+            queue.start_background()
         return queue
 
     async def __aenter__(self) -> Queue:
@@ -301,7 +320,10 @@ class Queue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._available.notify_all()
         self._completed.notify_all()
-        await self.store.close()
+        try:
+            await self.store.close()
+        finally:
+            _WRITING.discard(self.store)
 
     @property
     def closed(self) -> bool:

@@ -681,3 +681,22 @@ async def test_more_keys_than_kept_make_claims_scan_again(store_factory: Callabl
         assert store.scans == scans
     finally:
         await queue.close()
+
+
+async def test_many_known_keys_are_scanned_and_still_leave_the_set(
+    store_factory: Callable[[], Awaitable[KVStore]],
+) -> None:
+    queue, store = await counting_queue(store_factory)
+    try:
+        assert await claim_id(queue) is None
+        ids = await queue.enqueue_batch("q", [b"%d" % i for i in range(transitions.POINT_READS_MAX + 4)])
+        scans = store.scans
+        assert [job.id for job in await queue.claim_batch("q", 3)] == ids[:3]
+        assert store.scans == scans + 1  # more candidates than point reads: one scan
+        assert await drain(queue, len(ids) - 3) == ids[3:]
+        assert await claim_id(queue) is None
+        begun = store.begun
+        assert await claim_id(queue) is None
+        assert store.begun == begun  # every key left the known set
+    finally:
+        await queue.close()

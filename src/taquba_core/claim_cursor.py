@@ -42,10 +42,12 @@ after the ones it took), the cursor starts to keep ``known``: a superset of
 the queue's live pending keys, namely every key in flight when that scan
 began or written since.  While ``known`` is kept, every ``written`` key joins
 it, and a claim reads ``candidates()`` with point reads instead of a scan
-(``known_empty``: no candidate, so no transaction at all).  A key leaves
-``known`` only when a claim took it or found it absent *and* no write of it
-was in flight when that claim began or happened since (a later write adds it
-back).  A key deleted by anything else (a cancel, a purge) or whose commit
+when there are only a few (``known_empty``: none, so no transaction at all);
+with more it scans from the cursor as before.  Either way every candidate up
+to the last key the claim took is gone from its snapshot (taken, or absent).
+A key leaves ``known`` only when a claim took it or found it absent *and* no
+write of it was in flight when that claim began or happened since (a later
+write adds it back).  A key deleted by anything else (a cancel, a purge) or whose commit
 failed stays until a claim finds it absent.  Past ``MAX_KNOWN`` keys the set
 is dropped and claims scan again until one drains the queue.
 
@@ -140,8 +142,9 @@ class ScanCursors:
         """The scan committed, taking every key up to ``last`` (``None``: it took nothing or failed).
 
         ``drained``: the scan's snapshot held no live key but the ones it
-        took (only after a successful commit).  ``read``: the candidates the
-        scan read in their order, when it read candidates instead of scanning.
+        took (only after a successful commit).  ``read``: the candidates
+        (``candidates()``) of the attempt that committed, whether it read
+        them one by one or scanned.
         """
         cursor = self._cursors[prefix]
         seen = cursor.seen  # None: too many to tell; then ``known`` only keeps growing

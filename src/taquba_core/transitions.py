@@ -212,6 +212,10 @@ async def insert(txn: Transaction, job: JobRecord, kv_writes: KvWrites | None = 
 # -- claim -------------------------------------------------------------------
 
 
+POINT_READS_MAX = 8
+"""Most known pending keys a claim reads one by one; with more it scans from the cursor."""
+
+
 async def claim_batch(
     txn: Transaction,
     queue: str,
@@ -228,7 +232,8 @@ async def claim_batch(
     below it is live, so the scan starts there instead of walking the
     deleted keys in front of the head.  ``candidates``, when given, are
     the cursor's known keys in order, a superset of the queue's live
-    pending keys: they are read one by one instead of scanning.
+    pending keys: when there are at most :data:`POINT_READS_MAX`, they are
+    read one by one instead of scanning (more are cheaper to scan).
 
     Returns the claimed jobs and whether the queue is drained: the
     transaction's snapshot holds no further pending job of ``queue`` (one
@@ -239,7 +244,7 @@ async def claim_batch(
     dedup entry that by then belongs to another job — the bug fixed upstream
     in the 0.5.0 claim path).
     """
-    if candidates is None:
+    if candidates is None or len(candidates) > POINT_READS_MAX:
         rows = await scan_records(txn, keys.pending_prefix(queue), start_after=start_after, limit=limit + 1)
     else:
         rows = await read_records(txn, candidates, limit + 1)

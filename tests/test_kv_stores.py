@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from taquba_backends import MemoryStore, SlateDBStore, open_store
 from taquba_backends.memory import FaultPlan
+from taquba_backends import slatedb_store
 from taquba_backends.slatedb_store import PRUNE_MIN, parse_slatedb_url
 from taquba_core.errors import (
     CorruptRecord,
@@ -481,6 +482,20 @@ async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> 
     await asyncio.sleep(0)  # the waits start
     await kv.close()
     await asyncio.wait_for(waits, timeout=10)  # durable: the clean shutdown wrote the WAL
+
+
+@pytest.mark.parametrize("max_flushes", [1, 2])
+async def test_durable_commits_finish_with_few_flushes_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_flushes: int
+) -> None:
+    # A commit that finds every flush slot taken is owed one when a flush ends;
+    # the flush that ends must not count itself as still running then.
+    monkeypatch.setattr(slatedb_store, "MAX_FLUSHES", max_flushes)
+    kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(write(kv, **{f"k{i}": b"v"}) for i in range(40))), timeout=20)
+    finally:
+        await kv.close()
 
 
 async def test_a_cancelled_close_still_closes_and_releases_every_waiter(tmp_path: Path) -> None:

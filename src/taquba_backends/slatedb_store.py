@@ -408,6 +408,9 @@ class SlateDBStore(KVStore):
         else:
             self._flushes_done = max(self._flushes_done, number)
             self._end_flush_waits(number)
+        # This flush no longer counts against MAX_FLUSHES (its done callback
+        # would remove it too late for the restart below).
+        self._flushes.discard(asyncio.current_task())
         if self._flush_wanted and not self._closed:  # owed to a waiter that found MAX_FLUSHES running
             self._flush_wanted = False
             self._start_flush()

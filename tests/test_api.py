@@ -10,8 +10,10 @@ are not repeated here.  The concurrency cases run real concurrent tasks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
+from dataclasses import dataclass
 
 import pytest
 from queue_helpers import check_invariants, dump_store, space_keys
@@ -30,11 +32,14 @@ from taquba_core import (
     PermanentFailure,
     Queue,
     QueueConfig,
+    StoreClosed,
     TaqubaError,
     WaitStatus,
     keys,
     run_worker_concurrent,
 )
+from taquba_backends import MemoryStore
+from taquba_core.kv import ForwardingStore, KVStore
 
 SWEEP_BATCH = 256
 
@@ -795,3 +800,44 @@ async def test_a_store_belongs_to_one_open_queue(store_factory) -> None:  # type
         assert job is not None and job.id == job_id
     finally:
         await first.close()
+
+
+
+async def test_a_store_is_released_by_a_cancelled_close_and_by_a_dropped_queue() -> None:
+    store = MemoryStore()
+    queue = await Queue.open(store)  # with its background tasks
+    closing = asyncio.create_task(queue.close())
+    await asyncio.sleep(0)
+    closing.cancel()  # a shutdown timeout, say
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await queue.close()  # waits for the same shutdown
+    with pytest.raises(StoreClosed):
+        await store.begin()  # closed, not left open and owned
+    other = MemoryStore()
+    dropped = await Queue.open(other, background=False)
+    del dropped
+    gc.collect()
+    again = await Queue.open(other, background=False)  # nobody owns it any more
+    await again.close()
+
+
+@dataclass(eq=True)
+class _EqualityStore(ForwardingStore):
+    """A store class with ``__eq__`` (so unhashable)."""
+
+    inner: KVStore
+
+
+async def test_an_unhashable_store_opens() -> None:
+    queue = await Queue.open(_EqualityStore(MemoryStore()), background=False)
+    assert await queue.enqueue("q", b"x")
+    await queue.close()
+
+
+async def test_a_claim_on_a_closed_queue_raises_even_when_the_queue_is_known_empty(queue: Queue) -> None:
+    job = await queue.enqueue("q", b"x")
+    assert (await queue.claim("q")).id == job  # drained: known to be empty
+    await queue.close()
+    with pytest.raises(StoreClosed):
+        await queue.claim("q")

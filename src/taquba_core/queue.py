@@ -34,7 +34,7 @@ from .kv import Durability, KVStore, Transaction
 from .notify import Notifier
 from .record import JobRecord, JobStatus
 
-_WRITING: weakref.WeakSet[KVStore] = weakref.WeakSet()  # stores an open queue writes
+_WRITERS: dict[int, weakref.ref[Queue]] = {}  # id(store) -> the open queue writing it
 
 log = logging.getLogger("taquba")
 
@@ -231,6 +231,8 @@ class Queue:
         self._dead_cursors: dict[str, bytes | None] = {}
         self._counters = CounterMirror()
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        self._owner_ref: weakref.ref[Queue] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -270,7 +272,8 @@ class Queue:
         (reference: taquba 0.11.0 changed recovery to this from waiting
         out the recorded lease).
         """
-        if not store.read_only and store in _WRITING:
+        owner = _WRITERS.get(id(store))
+        if not store.read_only and owner is not None and owner() is not None:
             raise InvalidArgument(
                 f"store {getattr(store, 'url', store)!r} already belongs to an open Queue: share that Queue "
                 "(its cursors and counters assume no other writer), or close it first"
@@ -284,13 +287,15 @@ class Queue:
             reap_interval=reap_interval,
         )
         if not store.read_only:
-            _WRITING.add(store)
+            # By id, through a weak reference to the queue: a store need not be
+            # hashable, and a queue dropped without close() releases it.
+            queue._owner_ref = _WRITERS[id(store)] = weakref.ref(queue)
         try:
             await queue._read(queue._counters.load)
             if not store.read_only:
                 await queue.recover()
         except BaseException:
-            _WRITING.discard(store)
+            queue._release_store()
             raise
         if background and not store.read_only:
             queue.start_background()
@@ -311,19 +316,31 @@ class Queue:
             ]
 
     async def close(self) -> None:
-        """Stop the background tasks, wake every waiter, and close the store."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._available.notify_all()
-        self._completed.notify_all()
+        """Stop the background tasks, wake every waiter, and close the store.
+
+        A caller cancelled here leaves the shutdown running (shielded); every
+        call waits for the same one.
+        """
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._shut_down())
+        await asyncio.shield(self._closing)
+
+    async def _shut_down(self) -> None:
         try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._available.notify_all()
+            self._completed.notify_all()
             await self.store.close()
         finally:
-            _WRITING.discard(self.store)
+            self._release_store()
+
+    def _release_store(self) -> None:
+        """The store no longer belongs to this queue (see ``open``)."""
+        if self._owner_ref is not None and _WRITERS.get(id(self.store)) is self._owner_ref:
+            del _WRITERS[id(self.store)]
 
     @property
     def closed(self) -> bool:
@@ -547,12 +564,15 @@ class Queue:
             InvalidQueueName, InvalidArgument: bad input.
             StoreFenced: another writer took the store over (noticed by this
                 claim, an earlier commit or a background sweep).
+            StoreClosed: the queue was closed.
         """
         keys.validate_queue_name(queue)
         check_positive_int("n", n)
         lease_ms = self.lease_ms(queue, lease)
         if self._fenced is not None:
             raise StoreFenced(str(self._fenced))
+        if self._closed:
+            raise StoreClosed("the queue is closed")  # also when the queue is known to be empty
         lock = self._claim_locks.setdefault(queue, asyncio.Lock())
         prefix = keys.pending_prefix(queue)
         async with lock:

@@ -6,6 +6,7 @@ the test modules directly (``from queue_helpers import dump_store``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -78,6 +79,20 @@ def clock(queue: Queue) -> ManualClock:
 
 
 # -- raw-store helpers ---------------------------------------------------------
+
+
+async def close_with_a_cancelled_first_try(closable: Queue | KVStore) -> None:
+    """Start ``close()``, cancel it at once (a shutdown timeout, say), then close again.
+
+    The second call must wait for the same shutdown; the first must end in
+    ``CancelledError``.
+    """
+    closing = asyncio.ensure_future(closable.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await closable.close()
 
 
 async def dump_store(store: KVStore) -> dict[bytes, bytes]:

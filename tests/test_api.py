@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 import pytest
-from queue_helpers import check_invariants, dump_store, space_keys
+from queue_helpers import check_invariants, close_with_a_cancelled_first_try, dump_store, space_keys
 
 import taquba_core.errors as errors_module
 from taquba_core import (
@@ -806,12 +806,7 @@ async def test_a_store_belongs_to_one_open_queue(store_factory) -> None:  # type
 async def test_a_store_is_released_by_a_cancelled_close_and_by_a_dropped_queue() -> None:
     store = MemoryStore()
     queue = await Queue.open(store)  # with its background tasks
-    closing = asyncio.create_task(queue.close())
-    await asyncio.sleep(0)
-    closing.cancel()  # a shutdown timeout, say
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    await queue.close()  # waits for the same shutdown
+    await close_with_a_cancelled_first_try(queue)
     with pytest.raises(StoreClosed):
         await store.begin()  # closed, not left open and owned
     other = MemoryStore()

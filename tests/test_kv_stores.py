@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from queue_helpers import close_with_a_cancelled_first_try
 
-from taquba_backends import MemoryStore, SlateDBStore, open_store
+from taquba_backends import MemoryStore, SlateDBStore, open_store, slatedb_store
 from taquba_backends.memory import FaultPlan
-from taquba_backends import slatedb_store
 from taquba_backends.slatedb_store import PRUNE_MIN, parse_slatedb_url
 from taquba_core.errors import (
     CorruptRecord,
@@ -517,12 +517,7 @@ async def test_a_cancelled_close_still_closes_and_releases_every_waiter(tmp_path
     committers = [asyncio.ensure_future(committer(i)) for i in range(16)]
     while len(returned) < 16 or not kv._flushes:  # some commits returned, WAL flushes in flight
         await asyncio.sleep(0)
-    closing = asyncio.ensure_future(kv.close())
-    await asyncio.sleep(0)
-    closing.cancel()  # a shutdown timeout, say
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    await kv.close()  # waits for the same shutdown
+    await close_with_a_cancelled_first_try(kv)
     assert await asyncio.wait_for(asyncio.gather(*committers), timeout=10) == ["closed"] * 16
     reopened = await open_store(url)
     landed = {k for k, _ in await scan_all(reopened, b"k")}

@@ -47,9 +47,9 @@ with more it scans from the cursor as before.  Either way every candidate up
 to the last key the claim took is gone from its snapshot (taken, or absent).
 A key leaves ``known`` only when a claim took it or found it absent *and* no
 write of it was in flight when that claim began or happened since (a later
-write adds it back).  A key deleted by anything else (a cancel, a purge) or whose commit
-failed stays until a claim finds it absent.  Past ``MAX_KNOWN`` keys the set
-is dropped and claims scan again until one drains the queue.
+write adds it back).  A key deleted by anything else (a cancel, a purge) or
+whose commit failed stays until a claim finds it absent.  Past ``MAX_KNOWN``
+keys the set is dropped and claims scan again until one drains the queue.
 
 A cursor is only ever a hint that can be too low (a longer scan), never too
 high: moving it up requires a scan that saw and took every key below.

@@ -30,7 +30,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "scans": {
             "promote_sizes": [100, 1_000, 10_000, 100_000],
             "claim_sizes": [0, 10_000],
-            "claim_rounds": 100,
+            "claim_rounds": 400,  # a p99 of 100 samples is one outlier
             "compare_cursor": False,
             "dead_depth": 10_000,
             "reps": 9,

@@ -836,3 +836,27 @@ async def test_a_claim_on_a_closed_queue_raises_even_when_the_queue_is_known_emp
     await queue.close()
     with pytest.raises(StoreClosed):
         await queue.claim("q")
+
+
+async def test_the_worker_logs_each_ack_at_info(queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    # ``taquba -v worker`` shows every attempt: failures as warnings, acks at INFO.
+    caplog.set_level(logging.INFO, logger="taquba")
+    job_id = await queue.enqueue("q", b"x")
+    stop = asyncio.Event()
+
+    async def handler(job):
+        stop.set()
+
+    await run_worker_concurrent(queue, "q", handler, concurrency=1, poll_interval=0.05, shutdown=stop)
+    acks = [r.getMessage() for r in caplog.records if r.name == "taquba.worker" and r.levelno == logging.INFO]
+    assert acks == [f"job {job_id} of 'q' acked (attempt 1/3)"]
+
+
+async def test_stats_of_a_closed_queue_raise_as_every_read_does(queue: Queue) -> None:
+    await queue.enqueue("q", b"x")
+    assert (await queue.stats("q")).pending == 1  # counters cached in process
+    await queue.close()
+    with pytest.raises(StoreClosed):
+        await queue.stats("q")
+    with pytest.raises(StoreClosed):
+        await queue.list_queues()

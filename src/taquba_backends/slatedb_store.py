@@ -430,8 +430,9 @@ class SlateDBStore(KVStore):
 
     def _fenced_error(self) -> StoreFenced:
         return StoreFenced(
-            f"store {self.url} was opened by another writer (detected newer DB client); "
-            "this process may no longer write to it: reopen the store or stop"
+            f"store {self.url} was opened by another writer (another process, or another "
+            "open_store of the same location in this one); "
+            "this handle may no longer write to it: reopen the store or stop"
         )
 
     async def _call(self, awaitable: Awaitable[T]) -> T:

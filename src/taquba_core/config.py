@@ -38,7 +38,8 @@ def seconds_to_ms(name: str, seconds: object, *, allow_zero: bool = True) -> int
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise InvalidArgument(f"{name} must be a number of seconds, got {seconds!r}")
     if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DURATION_S:
-        raise InvalidArgument(f"{name} must be a finite number of seconds in 0..{MAX_DURATION_S:.0e}, got {seconds!r}")
+        low = "0" if allow_zero else "0.001"
+        raise InvalidArgument(f"{name} must be a finite number of seconds in {low}..{MAX_DURATION_S:.0e}, got {seconds!r}")
     ms = int(round(seconds * 1000))
     if ms == 0 and not allow_zero:
         raise InvalidArgument(f"{name} must be at least 0.001 seconds (1 ms), got {seconds!r}")

@@ -276,7 +276,7 @@ class Queue:
         if not store.read_only and owner is not None and owner() is not None:
             raise InvalidArgument(
                 f"store {getattr(store, 'url', store)!r} already belongs to an open Queue: share that Queue "
-                "(its cursors and counters assume no other writer), or close it first"
+                "(its cursors and counters assume no other writer), or close it and open the store anew"
             )
         queue = cls(
             store,
@@ -433,6 +433,8 @@ class Queue:
             await txn.rollback()
 
     async def _ensure_counters(self) -> None:
+        if self._closed:
+            raise StoreClosed("the queue is closed")  # as every other read, whether or not cached
         if not self._counters.loaded:
             await self._counters.reload(self._read)
 

@@ -156,6 +156,7 @@ async def process_one(
             writes = value.kv_writes if isinstance(value, AckWith) else None
             await queue.ack(job, kv_writes=writes)
             stats.acked += 1
+            log.info("job %s of %r acked (attempt %d/%d)", job.id, job.queue, job.attempts, job.max_attempts)
         elif kind == "dead":
             await queue.dead_letter(job, str(value))
             stats.dead_lettered += 1

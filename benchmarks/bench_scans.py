@@ -52,6 +52,20 @@ async def flush_memtable(queue: Queue) -> None:
         await db.flush_with_options(sdb.FlushOptions(flush_type=sdb.FlushType.MEM_TABLE))
 
 
+async def loaded_queues(
+    root: Path, name: str, sizes: list[int], clock: ManualClock, load: Callable[[Queue, int], Awaitable[None]]
+) -> dict[int, Queue]:
+    """One queue per size, each on its own store, filled by ``load(queue, k)`` in batches of ``BATCH``
+    up to that size, its memtable then flushed to an SST."""
+    queues = {}
+    for n in sizes:
+        q = queues[n] = await open_queue(root / f"{name}-{n}", clock)
+        for start in range(0, n, BATCH):
+            await load(q, min(BATCH, n - start))
+        await flush_memtable(q)
+    return queues
+
+
 async def timed(call: Callable[[], Awaitable[object]]) -> tuple[float, object]:
     start = time.perf_counter()
     result = await call()
@@ -103,12 +117,11 @@ def flatness_result(
 
 async def promotion(root: Path, sizes: list[int], reps: int) -> tuple[Table, Target]:
     clock = ManualClock(START_MS)
-    queues = {}
-    for n in sizes:
-        q = queues[n] = await open_queue(root / f"promote-{n}", clock)
-        for start in range(0, n, BATCH):
-            await q.enqueue_batch("q", [PAYLOAD] * min(BATCH, n - start), delay=86_400)
-        await flush_memtable(q)
+
+    async def future_jobs(q: Queue, size: int) -> None:
+        await q.enqueue_batch("q", [PAYLOAD] * size, delay=86_400)
+
+    queues = await loaded_queues(root, "promote", sizes, clock, future_jobs)
 
     async def make_due(q: Queue) -> None:
         await q.enqueue_batch("q", [PAYLOAD] * DUE, delay=1)
@@ -127,14 +140,12 @@ async def promotion(root: Path, sizes: list[int], reps: int) -> tuple[Table, Tar
 
 async def reaping(root: Path, sizes: list[int], reps: int) -> tuple[Table, Target]:
     clock = ManualClock(START_MS)
-    queues = {}
-    for n in sizes:
-        q = queues[n] = await open_queue(root / f"reap-{n}", clock)
-        for start in range(0, n, BATCH):
-            size = min(BATCH, n - start)
-            await q.enqueue_batch("q", [PAYLOAD] * size)
-            assert len(await q.claim_batch("q", size, lease=86_400)) == size
-        await flush_memtable(q)
+
+    async def live_claims(q: Queue, size: int) -> None:
+        await q.enqueue_batch("q", [PAYLOAD] * size)
+        assert len(await q.claim_batch("q", size, lease=86_400)) == size
+
+    queues = await loaded_queues(root, "reap", sizes, clock, live_claims)
 
     async def make_due(q: Queue) -> None:
         await q.enqueue_batch("q", [PAYLOAD] * DUE)
@@ -168,15 +179,13 @@ def _without_cursor(queue: Queue) -> None:
 
 async def shallow_claims(root: Path, sizes: list[int], rounds: int, compare: bool) -> tuple[Table, Target]:
     clock = ManualClock(START_MS)
-    queues = {}
-    for m in sizes:
-        q = queues[m] = await open_queue(root / f"claim-{m}", clock)
-        for start in range(0, m, BATCH):
-            size = min(BATCH, m - start)
-            await q.enqueue_batch("q", [PAYLOAD] * size)
-            jobs = await q.claim_batch("q", size)
-            await asyncio.gather(*(q.ack(j) for j in jobs))
-        await flush_memtable(q)
+
+    async def acked_jobs(q: Queue, size: int) -> None:
+        await q.enqueue_batch("q", [PAYLOAD] * size)
+        jobs = await q.claim_batch("q", size)
+        await asyncio.gather(*(q.ack(j) for j in jobs))
+
+    queues = await loaded_queues(root, "claim", sizes, clock, acked_jobs)
     variants = [("cursor", False)] + ([("no cursor", True)] if compare else [])
     results: dict[tuple[str, int], list[float]] = {}
     for variant, off in variants:

@@ -2,7 +2,7 @@
 
 :class:`MemoryStore` keeps multiple versions of each key (MVCC):
 
-* a sorted list of keys (found with :mod:`bisect`) and, per key, its
+* (in :class:`~taquba_backends._versions.VersionTable`) a sorted list of keys and, per key, its
   versions as ``(commit_seq, value)`` pairs, oldest first; a ``None`` value is
   a tombstone (a delete);
 * :meth:`MemoryStore.begin` records the current commit sequence number; the
@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from bisect import bisect_left, bisect_right, insort
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from operator import itemgetter
 
 from taquba_core.errors import (
     StoreClosed,
@@ -48,11 +45,9 @@ from taquba_core.kv import (
 )
 
 from ._keyrange import scan_bounds
+from ._readcache import MISS
+from ._versions import Pins, VersionTable
 from ._writebuffer import WriteBuffer, counter_plus
-
-Version = tuple[int, bytes | None]
-"""One committed version of a key: ``(commit_seq, value)``; ``None`` is a tombstone."""
-_version_seq = itemgetter(0)
 
 
 class Fault(Enum):
@@ -109,16 +104,9 @@ class MemoryStore(KVStore):
     url = "inmemory://"
 
     def __init__(self) -> None:
-        self._keys: list[bytes] = []
-        self._versions: dict[bytes, list[Version]] = {}
+        self._table = VersionTable(keep_base=True)
         self._seq = 0
-        # Start seqs of open transactions: counts, and the distinct seqs in begin order.
-        self._active: dict[int, int] = {}
-        self._active_order: deque[int] = deque()
-        # (seq, key): from commit ``seq`` on, ``key`` has an old version or a tombstone to prune.
-        self._garbage: deque[tuple[int, bytes]] = deque()
-        # Start seqs of transactions dropped unfinished (appended by __del__, released later).
-        self._abandoned: list[int] = []
+        self._pins = Pins()  # the start seqs of open transactions
         self._closed = False
         self._faults = FaultPlan()
 
@@ -131,12 +119,8 @@ class MemoryStore(KVStore):
             StoreClosed: the store was closed.
         """
         self._check_open()
-        self._release_abandoned()
         start = self._seq
-        if start not in self._active:
-            self._active[start] = 0
-            self._active_order.append(start)
-        self._active[start] += 1
+        self._pins.pin(start)
         return MemoryTransaction(self, start)
 
     async def close(self) -> None:
@@ -151,11 +135,10 @@ class MemoryStore(KVStore):
         This store is left as it is (closed or not).
         """
         fresh = MemoryStore()
-        for key in self._keys:
+        for key in self._table.keys():
             value = self._read(key, self._seq)
             if value is not None:
-                fresh._keys.append(key)
-                fresh._versions[key] = [(0, value)]
+                fresh._table.add(key, 0, value)
         return fresh
 
     def inject_faults(
@@ -180,7 +163,7 @@ class MemoryStore(KVStore):
 
     def footprint(self) -> tuple[int, int]:
         """``(keys, versions)`` held now, tombstones included; for tests of pruning."""
-        return len(self._keys), sum(len(v) for v in self._versions.values())
+        return self._table.footprint()
 
     # -- used by MemoryTransaction -------------------------------------------
 
@@ -190,27 +173,8 @@ class MemoryStore(KVStore):
 
     def _read(self, key: bytes, seq: int) -> bytes | None:
         """The value of ``key`` as of commit ``seq``."""
-        versions = self._versions.get(key)
-        if not versions:
-            return None
-        i = bisect_right(versions, seq, key=_version_seq)
-        return versions[i - 1][1] if i else None
-
-    def _last_commit(self, key: bytes) -> int:
-        """The seq of the newest committed version of ``key``; -1 when none is held."""
-        versions = self._versions.get(key)
-        return versions[-1][0] if versions else -1
-
-    def _keys_from(self, start: bytes, inclusive: bool, end: bytes | None) -> Iterator[bytes]:
-        """Held keys from ``start`` up to ``end`` (exclusive), ascending.
-
-        Must be consumed without awaiting in between: the list may change.
-        """
-        keys = self._keys
-        i = bisect_left(keys, start) if inclusive else bisect_right(keys, start)
-        while i < len(keys) and (end is None or keys[i] < end):
-            yield keys[i]
-            i += 1
+        value = self._table.read(key, seq)
+        return None if value is MISS else value  # type: ignore[return-value]
 
     def _commit(self, start: int, writes: dict[bytes, bytes | None], merges: dict[bytes, int]) -> None:
         """Check conflicts and apply, atomically (no await).
@@ -228,7 +192,7 @@ class MemoryStore(KVStore):
         if fault is Fault.FAIL_BEFORE_APPLY:
             raise StoreError(f"injected failure before apply in store {self.url}")
         for key in writes:
-            if self._last_commit(key) > start:
+            if self._table.last_commit(key) > start:
                 raise StoreConflict(
                     f"key {key!r} was written by a concurrent commit in store {self.url}"
                 )
@@ -237,52 +201,17 @@ class MemoryStore(KVStore):
         self._seq += 1
         seq = self._seq
         for key, value in writes.items():
-            self._add_version(key, seq, value)
+            self._table.add(key, seq, value)
         for key, value in merged.items():
-            self._add_version(key, seq, value)
+            self._table.add(key, seq, value)
         if fault is Fault.FAIL_AFTER_APPLY:
             raise StoreError(f"injected failure after apply in store {self.url}")
 
-    def _add_version(self, key: bytes, seq: int, value: bytes | None) -> None:
-        versions = self._versions.get(key)
-        if versions is None:
-            versions = self._versions[key] = []
-            insort(self._keys, key)
-        versions.append((seq, value))
-        if len(versions) > 1 or value is None:
-            self._garbage.append((seq, key))
-
     def _release(self, start: int) -> None:
         """A transaction that began at ``start`` ended: forget it and prune."""
-        self._forget(start)
-        self._release_abandoned()
-        self._prune()
-
-    def _forget(self, start: int) -> None:
-        self._active[start] -= 1
-        if self._active[start] == 0:
-            del self._active[start]
-        while self._active_order and self._active_order[0] not in self._active:
-            self._active_order.popleft()
-
-    def _release_abandoned(self) -> None:
-        while self._abandoned:
-            self._forget(self._abandoned.pop())
-
-    def _prune(self) -> None:
-        """Drop versions below what the oldest open transaction (or a new one) sees."""
-        horizon = self._active_order[0] if self._active_order else self._seq
-        while self._garbage and self._garbage[0][0] <= horizon:
-            _, key = self._garbage.popleft()
-            versions = self._versions.get(key)
-            if not versions:
-                continue
-            visible = bisect_right(versions, horizon, key=_version_seq) - 1
-            if visible > 0:
-                del versions[:visible]
-            if len(versions) == 1 and versions[0][1] is None and versions[0][0] <= horizon:
-                del self._versions[key]
-                del self._keys[bisect_left(self._keys, key)]
+        self._pins.unpin(start)
+        oldest = self._pins.oldest()
+        self._table.prune(self._seq if oldest is None else oldest)
 
 
 class MemoryTransaction(Transaction):
@@ -302,7 +231,7 @@ class MemoryTransaction(Transaction):
         # Dropped without commit or rollback: stop pinning its snapshot.  Only
         # queue the release (an atomic append), as this may run at any point.
         if not getattr(self, "_done", True):
-            self._store._abandoned.append(self._start)
+            self._store._pins.abandon(self._start)
 
     def _check_usable(self) -> None:
         if self._done:
@@ -341,7 +270,7 @@ class MemoryTransaction(Transaction):
         if bounds is None or (limit is not None and limit <= 0):
             return []
         own = self._buffer.keys_in(bounds)
-        committed = self._store._keys_from(bounds.start, bounds.start_inclusive, bounds.end)
+        committed = self._store._table.keys_from(bounds.start, bounds.start_inclusive, bounds.end)
         out: list[tuple[bytes, bytes]] = []
         previous: bytes | None = None
         for key in heapq.merge(committed, own):

@@ -19,6 +19,9 @@ from taquba_backends.demo import Demo
 from taquba_core import Queue
 
 TAQUBA = [sys.executable, "-m", "taquba_backends.cli"]
+KILL_TREE_FILES = 4000
+"""Files in the trees of the interruption tests: enough that the demo still runs
+when the test interrupts it, 0.3 to 1.5 s after it started (~2.5 s on 2 cores)."""
 
 
 def make_tree(root: Path, files: int, seed: int) -> None:
@@ -92,7 +95,7 @@ def test_demo_resumes_after_kill_9(tmp_path: Path) -> None:
     print(f"demo kill seed: {seed}")
     rng = random.Random(seed)
     root = tmp_path / "tree"
-    make_tree(root, 1200, seed=seed)
+    make_tree(root, KILL_TREE_FILES, seed=seed)
     store = f"file://{tmp_path / 'store'}"
     proc = subprocess.Popen(
         [*TAQUBA, "demo", str(root), "--store", store, "--workers", "2"],
@@ -118,7 +121,7 @@ def test_demo_resumes_after_kill_9(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_ctrl_c_stores_in_flight_files_and_resumes(tmp_path: Path) -> None:
     root = tmp_path / "tree"
-    make_tree(root, 1200, seed=7)
+    make_tree(root, KILL_TREE_FILES, seed=7)
     store = f"file://{tmp_path / 'store'}"
     proc = subprocess.Popen(
         [*TAQUBA, "demo", str(root), "--store", store, "--workers", "2"],

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from queue_helpers import close_with_a_cancelled_first_try
 
-from taquba_backends import MemoryStore, SlateDBStore, open_store, slatedb_store
+from taquba_backends import MemoryStore, SlateDBStore, open_store
 from taquba_backends.memory import FaultPlan
-from taquba_backends.slatedb_store import PRUNE_MIN, parse_slatedb_url
+from taquba_backends.slatedb_store import parse_slatedb_url
 from taquba_core.errors import (
     CorruptRecord,
     InvalidArgument,
@@ -293,13 +293,13 @@ async def test_merges_go_on_from_a_put_or_delete_of_the_counter(store: KVStore) 
 
 
 async def test_a_commit_waiting_for_its_turn_keeps_its_conflicts(store: KVStore) -> None:
-    """A commit queued behind another that writes many keys (enough to prune
+    """A commit queued behind another that writes many keys (once enough to prune
     the conflict bookkeeping) is still checked against it."""
     await write(store, k=b"0")
     first, second = await store.begin(), await store.begin()
     assert await first.get(b"k") == await second.get(b"k") == b"0"
     await second.put(b"k", b"second")
-    for i in range(PRUNE_MIN + 100):
+    for i in range(5000):
         await second.put(b"filler%05d" % i, b"x")
     await first.put(b"k", b"first")
     second_commit = asyncio.ensure_future(second.commit())
@@ -386,19 +386,89 @@ async def test_counters_go_on_from_their_stored_value_after_reopen(tmp_path: Pat
     await kv.close()
 
 
-async def test_slatedb_conflict_bookkeeping_stays_bounded() -> None:
+async def test_first_merges_of_a_stored_counter_racing_a_put_all_count(tmp_path: Path) -> None:
+    """Concurrent commits that each read the counter's stored value first, and a put
+    of it landing while those reads are under way: no update is lost."""
+    url = (tmp_path / "db").as_uri()
+    kv = await open_store(url)
+    await write(kv, n=COUNTER.pack(5))
+    await kv.close()
+    kv = await open_store(url)
+
+    async def merge() -> None:
+        txn = await kv.begin()
+        await txn.merge_counter(b"n", 1)
+        await txn.commit(durable=False)
+
+    merges = [asyncio.ensure_future(merge()) for _ in range(20)]
+    await asyncio.sleep(0)
+    await write(kv, n=COUNTER.pack(100))  # conflicts with none of them: merges take no part
+    await asyncio.gather(*merges)
+    assert decode_counter(await read(kv, b"n")) in range(100, 121)
+    before = decode_counter(await read(kv, b"n"))
+    await asyncio.gather(*(merge() for _ in range(10)))
+    await kv.close()
+    kv = await open_store(url)
+    assert decode_counter(await read(kv, b"n")) == before + 10
+    await kv.close()
+
+
+async def test_a_commit_nobody_waits_for_still_reaches_the_object_store(tmp_path: Path) -> None:
+    from taquba_backends.reader import SlateDBReader
+
+    url = (tmp_path / "db").as_uri()
+    kv = await open_store(url)
+    await write(kv, first=b"1")
+    txn = await kv.begin()
+    await txn.put(b"later", b"2")
+    await txn.commit(durable=False)
+    try:
+        for _ in range(100):  # written within the flush interval, flushed by SlateDB's own timer
+            await asyncio.sleep(0.05)
+            reader = await SlateDBReader.open(url)
+            try:
+                if await read(reader, b"later") == b"2":
+                    break
+            finally:
+                await reader.close()
+        else:
+            pytest.fail("a non-durable commit never reached the object store")
+    finally:
+        await kv.close()
+
+
+async def test_a_failed_write_out_fails_the_waiters_and_stops_the_store(tmp_path: Path) -> None:
+    url = (tmp_path / "db").as_uri()
+    first = await SlateDBStore.open(url)
+    await write(first, k=b"first")
+    second = await SlateDBStore.open(url)  # fences the first
+    txn = await first.begin()
+    await txn.put(b"k", b"lost")
+    pending = await txn.commit(durable=False)  # taken in, as far as this process knows
+    with pytest.raises(StoreFenced):
+        await pending.wait()
+    for attempt in (first.begin(), first.sync()):
+        with pytest.raises(StoreFenced):
+            await attempt
+    await first.close()
+    assert await read(second, b"k") == b"first"
+    await second.close()
+
+
+async def test_slatedb_overlay_keeps_what_open_snapshots_lack_and_no_more() -> None:
     kv = await SlateDBStore.open("memory://")
-    pinned = await kv.begin()  # an open transaction keeps what it could conflict with
-    for i in range(2 * PRUNE_MIN):
+    pinned = await kv.begin()  # its snapshot lacks every later commit: the overlay keeps them
+    for i in range(300):
         await write(kv, **{f"k{i}": b"v"})
-    assert len(kv._last_write) >= 2 * PRUNE_MIN
+    assert len(kv._overlay) >= 300
+    assert await pinned.get(b"k1") is None and await pinned.scan(b"k") == []
     await pinned.rollback()
-    sizes = []
-    for i in range(4 * PRUNE_MIN):
+    for i in range(300):
         await write(kv, **{f"j{i}": b"v"})
-        sizes.append(len(kv._last_write))
-    assert min(sizes[2 * PRUNE_MIN :]) < PRUNE_MIN  # released once nothing pins it
-    assert max(sizes) <= 5 * PRUNE_MIN
+    assert len(kv._overlay) <= 1  # released once nothing pins it
+    txn = await kv.begin()
+    assert await txn.get(b"k1") == b"v" and len(await txn.scan(b"")) == 600
+    await txn.rollback()
     await kv.close()
 
 
@@ -484,16 +554,23 @@ async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> 
     await asyncio.wait_for(waits, timeout=10)  # durable: the clean shutdown wrote the WAL
 
 
-@pytest.mark.parametrize("max_flushes", [1, 2])
-async def test_durable_commits_finish_with_few_flushes_allowed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_flushes: int
+async def test_concurrent_durable_commits_share_write_outs_and_flushes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A commit that finds every flush slot taken is owed one when a flush ends;
-    # the flush that ends must not count itself as still running then.
-    monkeypatch.setattr(slatedb_store, "MAX_FLUSHES", max_flushes)
     kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    flushes = 0
+    flush = kv._flush
+
+    async def counted() -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush()
+
+    monkeypatch.setattr(kv, "_flush", counted)
     try:
         await asyncio.wait_for(asyncio.gather(*(write(kv, **{f"k{i}": b"v"}) for i in range(40))), timeout=20)
+        assert 1 <= flushes < 40  # group commit: the commits made during one flush share the next
+        assert len(await scan_all(kv, b"k")) == 40
     finally:
         await kv.close()
 
@@ -515,7 +592,7 @@ async def test_a_cancelled_close_still_closes_and_releases_every_waiter(tmp_path
             n += 1
 
     committers = [asyncio.ensure_future(committer(i)) for i in range(16)]
-    while len(returned) < 16 or not kv._flushes:  # some commits returned, WAL flushes in flight
+    while len(returned) < 16 or kv._write_out is None:  # some commits returned, a write-out under way
         await asyncio.sleep(0)
     await close_with_a_cancelled_first_try(kv)
     assert await asyncio.wait_for(asyncio.gather(*committers), timeout=10) == ["closed"] * 16

@@ -1,23 +1,21 @@
-"""The values this process last committed, kept so that reads of them skip SlateDB.
+"""The values last pruned from the SlateDB adapter's overlay, so that reads of them skip SlateDB.
 
 A queue mostly reads what it wrote moments ago: a claim reads the record an
-enqueue just put, an ack the record the claim just put.  On SlateDB each such
-read costs a snapshot and a point read, two calls across the FFI boundary
-whose completion wakes the event loop from another thread.  The process that
-opened a store is its only writer, so the value it last committed under a
-key *is* the key's current value: :class:`ReadCache` keeps those values (and
-deletions, as ``None``) for the most recently written keys, up to a byte
-budget, and :class:`~taquba_backends.slatedb_store.SlateDBTransaction`
-answers reads from it when no commit after its start wrote the key.
+enqueue just put, an ack the record the claim just put.  The SlateDB
+adapter keeps recent commits in its overlay (see ``_versions.py``) until
+every open transaction's snapshot holds them; :class:`ReadCache` then keeps
+the newest value pruned per key (``None``: deleted), up to a byte budget.
+The process that opened a store is its only writer, so that value is the
+key's value for every transaction until the overlay holds a newer version,
+and a read answered here saves a call across the FFI boundary.
 
 Forgetting is always safe (the read goes to SlateDB instead), so the cache
-evicts the keys written longest ago, and a write whose outcome is unknown
-forgets its keys.
+evicts the keys written longest ago.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 ENTRY_OVERHEAD = 96
 """Bytes charged per entry beyond its key and value (dict slot, tuple, object headers)."""
@@ -69,16 +67,9 @@ class ReadCache:
             key = next(iter(entries))
             self._size -= _cost(key, entries.pop(key))
 
-    def forget(self, keys: Iterable[bytes]) -> None:
-        """Drop ``keys`` (their committed values are no longer known)."""
-        for key in keys:
-            old = self._entries.pop(key, MISS)
-            if old is not MISS:
-                self._size -= _cost(key, old)  # type: ignore[arg-type]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._size = 0
+    def remember_one(self, key: bytes, value: bytes | None) -> None:
+        """:meth:`remember` of one write."""
+        self.remember({key: value})
 
 
 def _cost(key: bytes, value: bytes | None) -> int:

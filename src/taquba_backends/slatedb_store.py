@@ -42,7 +42,6 @@ import asyncio
 import json
 import os
 import struct
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -62,6 +61,8 @@ from taquba_core.kv import DURABLE, Durability, KVStore, Transaction, add_counte
 
 from . import _uniffi_fast
 from ._keyrange import KeyBounds, scan_bounds
+from ._readcache import MISS, Miss, ReadCache
+from ._versions import Pins, VersionTable
 from ._writebuffer import WriteBuffer, counter_plus
 
 T = TypeVar("T")
@@ -72,10 +73,10 @@ MAX_FLUSH_INTERVAL_MS = 60_000
 DEFAULT_PREFIX = "taquba"
 SCAN_BATCH = 256
 """Rows fetched per ``next_batch`` call across the FFI boundary."""
-MAX_FLUSHES = 4
-"""Most eager WAL flushes in flight at once (see :meth:`SlateDBStore._flushed_after`)."""
-PRUNE_MIN = 4096
-"""Conflict-detection entries kept before the first pruning pass."""
+WRITE_OUT_BYTES = 4 * 1024 * 1024
+"""Changes not yet handed to SlateDB at which a write-out starts without waiting (bytes)."""
+READ_CACHE_BYTES = 8 * 1024 * 1024
+"""Budget of the values last pruned from the overlay that reads are answered from (see ``_readcache.py``)."""
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
 L0_SST_SIZE_BYTES = 32 * 1024 * 1024
 """Memtable size at which SlateDB writes an L0 SST (its default is 64 MiB).
@@ -224,47 +225,57 @@ class SlateDBStore(KVStore):
     The process that opens a database becomes its only writer and fences any
     earlier writer; once fenced, every later call raises :class:`StoreFenced`.
 
-    With ``eager_flush`` (local and in-memory object stores), a commit that
-    waits for durability asks for a WAL flush at once instead of waiting for
-    the flush timer, unless one started after its write already runs; every
-    commit that returned before a flush started shares it (group commit),
-    and up to :data:`MAX_FLUSHES` run at once (see :meth:`_flushed_after`).
-    A lone caller then waits for one WAL write (~0.5 ms on a local disk)
-    instead of up to a flush interval.  Cloud stores keep to the flush
-    interval, which bounds their PUT requests.
+    Transactions are checked and committed in this process, then written
+    to SlateDB behind the commits by one write-out task (see
+    :meth:`_write_out_all`): each pass writes every commit made since the
+    previous one as one batch and, when a caller waits for durability,
+    flushes the WAL.  Callers that commit during a pass share the next one
+    (group commit).  With ``eager_flush`` (local and in-memory object
+    stores) the pass asks SlateDB for the WAL flush at once, so a lone caller
+    waits for one WAL write instead of up to a flush interval; cloud stores
+    wait for SlateDB's own flush every ``flush_interval_ms``, which bounds
+    their PUT requests.  Commits that nobody waits for are written within
+    ``write_out_delay_ms`` (the URL's flush interval).
 
+    When a write-out fails, commits this process already reported may be
+    lost: the store stops taking work, and every later call raises the
+    failure (:class:`StoreFenced` when another writer took over).
     Transactions are checked for conflicts and committed by this process
     (see :class:`SlateDBTransaction`).
     """
 
-    def __init__(self, db: sdb.Db, url: str, *, eager_flush: bool = False) -> None:
+    def __init__(self, db: sdb.Db, url: str, *, eager_flush: bool = False, write_out_delay_ms: int = 5) -> None:
         """Wrap an open database; use :meth:`open` instead."""
         self._db = db
         self.url = url
         self._closed = False
         self._fenced = False
         self._eager_flush = eager_flush
-        # Eager flushes are numbered; a commit that returned while ``n`` had
-        # started is durable once a flush numbered above ``n`` has ended.
-        self._flush_wanted = False  # a flush is owed as soon as one ends
-        self._flushes: set[asyncio.Task[None]] = set()  # running
         self._closing: asyncio.Future[None] | None = None  # the shutdown, once close() was called
-        self._flushes_started = 0
-        self._flushes_done = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        # Conflict detection (see SlateDBTransaction): commits are numbered;
-        # ``_last_write`` holds, per key put or deleted, the number of the
-        # last commit that wrote it (pruned below the oldest open
-        # transaction); ``_writing`` is true while commit number ``_seq`` is
-        # on its way into SlateDB.
-        self._commit_lock = asyncio.Lock()
+        # Commits (see SlateDBTransaction) are numbered; ``_overlay`` holds
+        # their versions until every open transaction's snapshot holds them,
+        # ``_unwritten`` the changes of those not yet handed to SlateDB,
+        # ``_applied`` the number of the last commit SlateDB has and
+        # ``_durable`` that of the last one in the object store.
         self._seq = 0
-        self._writing = False
-        self._last_write: dict[bytes, int] = {}
-        self._prune_at = PRUNE_MIN
-        self._open: weakref.WeakSet[SlateDBTransaction] = weakref.WeakSet()
-        # Counter values as this process last wrote them (read on first use).
+        self._applied = 0
+        self._durable = 0
+        self._overlay = VersionTable(keep_base=False)
+        self._pins = Pins()  # what the snapshots of open transactions hold at least
+        self._shared: tuple[sdb.DbSnapshot, int] | None = None  # see _snapshot()
+        self._cache = ReadCache(READ_CACHE_BYTES)
+        self._unwritten: list[dict[bytes, bytes | None]] = []
+        self._unwritten_bytes = 0
+        self._write_out: asyncio.Future[None] | None = None
+        self._write_out_timer: asyncio.TimerHandle | None = None
+        self._write_out_delay = write_out_delay_ms / 1000
+        self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._last_handle: sdb.WriteHandle | None = None
+        self._broken: TaqubaError | None = None  # a write-out failed
+        # Counter values as the last commit left them (read on first use);
+        # ``_loading`` holds the reads of them under way.
         self._counters: dict[bytes, bytes | None] = {}
+        self._loading: dict[bytes, asyncio.Future[bytes | None]] = {}
 
     @classmethod
     async def open(cls, url: str, *, object_store: sdb.ObjectStore | None = None) -> SlateDBStore:
@@ -295,7 +306,12 @@ class SlateDBStore(KVStore):
             raise StoreError(f"cannot open store {url}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"cannot open store {url}: {exc}") from exc
-        return cls(db, location.url, eager_flush=location.scheme in LOCAL_SCHEMES)
+        return cls(
+            db,
+            location.url,
+            eager_flush=location.scheme in LOCAL_SCHEMES,
+            write_out_delay_ms=location.flush_interval_ms,
+        )
 
     async def begin(self) -> SlateDBTransaction:
         """Start a snapshot-isolated transaction.
@@ -306,10 +322,9 @@ class SlateDBStore(KVStore):
             StoreError: SlateDB failed.
         """
         self._check_usable()
-        start = self._visible_seq()  # before the snapshot: it includes every commit up to here
-        txn = SlateDBTransaction(self, start, await self._call(self._db.snapshot()))
-        self._open.add(txn)
-        return txn
+        snapshot, pinned = await self._snapshot()
+        # After the snapshot: it holds no commit above this number.
+        return SlateDBTransaction(self, self._seq, snapshot, pinned)
 
     async def close(self) -> None:
         """Flush and shut the database down; a no-op when already closed.
@@ -327,22 +342,28 @@ class SlateDBStore(KVStore):
         await asyncio.shield(self._closing)
 
     async def _shut_down(self) -> None:
-        if self._flushes:
-            await asyncio.wait(self._flushes)
+        # The commits made before close() was called go to SlateDB first.
+        self._start_write_out()
+        while self._write_out is not None:
+            await asyncio.wait([self._write_out])
         try:
             await self._db.shutdown()
         except sdb.Error.Closed as exc:
             # Fenced or already shut down: nothing left to flush.
-            self._end_flush_waits(None, self._translate(exc))
+            self._break(self._translate(exc))
         except sdb.Error as exc:
             error = StoreError(f"store {self.url} did not shut down cleanly: {exc}")
-            self._end_flush_waits(None, error)
+            self._break(error)
             raise error from exc
-        self._end_flush_waits(None)  # a clean shutdown wrote the WAL out
+        if self._broken is None:
+            self._durable = self._applied  # a clean shutdown wrote the WAL out
+        self._end_durable_waits(self._broken)
 
     def _check_usable(self) -> None:
         if self._fenced:
             raise self._fenced_error()
+        if self._broken is not None:
+            raise self._broken
         if self._closed:
             raise StoreClosed(f"store {self.url} is closed")
 
@@ -353,80 +374,7 @@ class SlateDBStore(KVStore):
             StoreFenced, StoreClosed, StoreError: as for a commit.
         """
         self._check_usable()
-        if self._eager_flush:
-            await self._flushed_after(self._flushes_started)
-        else:
-            await self._call(self._db.flush_with_options(WAL_FLUSH))
-
-    async def _flushed_after(self, ticket: int) -> None:
-        """Return once a WAL flush numbered above ``ticket`` has ended (``eager_flush`` only).
-
-        A caller starts a flush unless one started after its commit already
-        runs; every commit that returned before a flush started shares it
-        (group commit).  SlateDB writes concurrent WAL flushes in parallel,
-        so a commit waits for about one flush, not for the end of one that
-        began before it and then its own; at most :data:`MAX_FLUSHES` run
-        at once.
-
-        Raises:
-            StoreFenced, StoreClosed, StoreError: the flush failed.
-        """
-        if self._flushes_done > ticket:
-            return
-        if self._fenced:
-            raise self._fenced_error()
-        if self._closing is not None:
-            # The write happened before the close, whose clean shutdown writes it out.
-            await asyncio.shield(self._closing)
-            if self._fenced:
-                raise self._fenced_error()
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((ticket, waiter))
-        if self._flushes_started <= ticket:
-            self._start_flush()
-        await waiter
-
-    def _start_flush(self) -> None:
-        if len(self._flushes) >= MAX_FLUSHES:
-            self._flush_wanted = True
-            return
-        self._flushes_started += 1
-        task = asyncio.ensure_future(self._flush(self._flushes_started))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _flush(self, number: int) -> None:
-        """Flush number ``number``: it carries every commit that returned before it was numbered."""
-        try:
-            await self._db.flush_with_options(WAL_FLUSH)
-        except sdb.Error as exc:
-            self._end_flush_waits(number, self._translate(exc))
-        except BaseException:
-            self._end_flush_waits(number, StoreError(f"a WAL flush of store {self.url} was cancelled"))
-            raise
-        else:
-            self._flushes_done = max(self._flushes_done, number)
-            self._end_flush_waits(number)
-        # This flush no longer counts against MAX_FLUSHES (its done callback
-        # would remove it too late for the restart below).
-        self._flushes.discard(asyncio.current_task())
-        if self._flush_wanted and not self._closed:  # owed to a waiter that found MAX_FLUSHES running
-            self._flush_wanted = False
-            self._start_flush()
-
-    def _end_flush_waits(self, done: int | None, error: BaseException | None = None) -> None:
-        """Release the waiters that flush number ``done`` covers (``None``: all), or fail them with ``error``."""
-        waiting = []
-        for ticket, waiter in self._flush_waiters:
-            if done is not None and ticket >= done:
-                waiting.append((ticket, waiter))
-            elif not waiter.done():
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
-        self._flush_waiters = waiting
+        await self._durable_after(self._seq)
 
     def _fenced_error(self) -> StoreFenced:
         return StoreFenced(
@@ -455,120 +403,219 @@ class SlateDBStore(KVStore):
 
     # -- commits (for SlateDBTransaction) ---------------------------------
 
-    def _visible_seq(self) -> int:
-        """The number of the newest commit that a snapshot taken now is sure to include."""
-        return self._seq - 1 if self._writing else self._seq
+    async def _load_counter(self, key: bytes) -> None:
+        """Make sure ``_counters`` holds the value the last commit left under ``key``."""
+        if key in self._counters:
+            return
+        value = self._read(key, self._seq)
+        if value is MISS:
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = self._loading[key] = asyncio.ensure_future(self._call(self._db.get(key)))
+                loading.add_done_callback(lambda _: self._loading.pop(key, None))
+            value = await asyncio.shield(loading)
+        # A commit that wrote the key meanwhile has set it (see _commit).
+        self._counters.setdefault(key, value)  # type: ignore[arg-type]
 
-    async def _apply(self, start: int, buffer: WriteBuffer) -> sdb.WriteHandle:
-        """Check ``buffer`` against the commits after ``start``; write it as one batch.
+    async def _commit(self, start: int, buffer: WriteBuffer) -> int:
+        """Check ``buffer`` against the commits after ``start`` and apply it; return its number.
 
-        Commits run one at a time under the commit lock, so they reach SlateDB
-        in the order they were checked, and each counter is written as the
-        value the commits before it left plus this commit's delta.
+        The commit is applied to the overlay (visible to every transaction
+        that begins from now on); the write-out task takes it to SlateDB.
 
         Raises:
             StoreConflict: a key ``buffer`` puts or deletes was written by a
                 commit numbered above ``start``; nothing is written.
             CorruptRecord: a merged key does not hold a counter; nothing is written.
-            StoreFenced, StoreClosed, StoreError: SlateDB failed; the batch may
-                or may not have been applied.
+            StoreFenced, StoreClosed, StoreError: the store cannot take writes.
         """
-        async with self._commit_lock:
-            self._check_usable()
-            for key in buffer.writes:
-                if self._last_write.get(key, -1) > start:
-                    raise StoreConflict(f"key {key!r} was written by a concurrent commit in store {self.url}")
-            writes, merges = buffer.folded()
-            counters = {key: counter_plus(self.url, key, await self._counter(key), d) for key, d in merges.items()}
-            batch = self._batch(writes, counters)
-            self._seq += 1
-            for key in (*writes, *counters):  # a put or delete conflicts with an earlier merge too
-                self._last_write[key] = self._seq
-            self._writing = True
-            # Shielded: a caller cancelled here must not end the commit while
-            # SlateDB may still apply the batch; the lock, ``_writing`` and the
-            # counter values stay as they are until the write really ended.
-            write = asyncio.ensure_future(self._call(self._db.write(batch)))
-            try:
-                handle = await asyncio.shield(write)
-            except BaseException:
-                self._counters.clear()  # the batch may or may not be applied: read them again
-                await _outlast(write)
-                raise
-            finally:
-                self._writing = False
-            for key, value in writes.items():
-                if key in self._counters:  # a counter key overwritten by a put or delete
-                    self._counters[key] = value
-            self._counters.update(counters)
-            if len(self._last_write) > self._prune_at:
-                self._prune()
-            return handle
+        writes, merges = buffer.folded()
+        for key in merges:
+            await self._load_counter(key)
+        # From here on no await: the check and the apply are atomic.
+        self._check_usable()
+        overlay = self._overlay
+        for key in writes:
+            if overlay.last_commit(key) > start:
+                raise StoreConflict(f"key {key!r} was written by a concurrent commit in store {self.url}")
+        counters = {key: counter_plus(self.url, key, self._counters[key], d) for key, d in merges.items()}
+        self._seq += 1
+        seq = self._seq
+        changes: dict[bytes, bytes | None] = {**writes, **counters}
+        for key, value in changes.items():
+            overlay.add(key, seq, value)
+            if key in self._counters or key in self._loading:  # a counter key
+                self._counters[key] = value
+        self._unwritten.append(changes)
+        self._unwritten_bytes += sum(len(k) + (len(v) if v else 0) for k, v in changes.items())
+        if self._unwritten_bytes >= WRITE_OUT_BYTES:
+            self._start_write_out()
+        elif self._write_out_timer is None and self._write_out is None:
+            loop = asyncio.get_running_loop()
+            self._write_out_timer = loop.call_later(self._write_out_delay, self._start_write_out)
+        return seq
 
-    def _batch(self, writes: dict[bytes, bytes | None], counters: dict[bytes, bytes]) -> sdb.WriteBatch:
-        """One SlateDB write batch of ``writes`` (``None``: delete) and ``counters``.
+    async def _durable_after(self, seq: int) -> None:
+        """Return once commit ``seq`` (and every one before it) reached the object store.
+
+        Raises:
+            StoreFenced, StoreClosed, StoreError: the commit may not be durable.
+        """
+        if self._durable >= seq:
+            return
+        if self._broken is not None:
+            raise self._broken
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append((seq, waiter))
+        if self._closing is None:
+            self._start_write_out()
+        await waiter  # the shutdown releases it when closing
+
+    def _start_write_out(self) -> None:
+        if self._write_out_timer is not None:
+            self._write_out_timer.cancel()
+            self._write_out_timer = None
+        if self._write_out is None and self._broken is None and (self._unwritten or self._durable_waiters):
+            self._write_out = asyncio.ensure_future(self._write_out_all())
+
+    async def _write_out_all(self) -> None:
+        """Write the overlay's commits to SlateDB in commit order, and flush them for the waiters.
+
+        Each pass writes every commit made since the last one as one batch,
+        then, when a caller waits for durability, flushes SlateDB's WAL (on
+        ``eager_flush`` stores; otherwise waits for SlateDB's own flush).
+        Commits made during a pass go in the next one: concurrent callers
+        share writes and flushes (group commit).
+        """
+        try:
+            while self._broken is None:
+                if self._unwritten:
+                    await self._write_unwritten()
+                if self._closing is not None or not self._durable_waiters:
+                    if self._unwritten:
+                        continue
+                    return
+                upto = self._applied
+                if self._durable < upto:
+                    await self._flush()
+                    self._durable = upto
+                self._end_durable_waits(None, upto)
+        except sdb.Error as exc:
+            self._break(self._translate(exc))
+        except TaqubaError as exc:
+            self._break(exc)
+        except BaseException as exc:  # cancelled, or a bug: never leave waiters hanging
+            self._break(StoreError(f"store {self.url}: writing commits to SlateDB failed: {exc!r}"))
+            raise
+        finally:
+            self._write_out = None
+            if self._broken is None and self._closing is None and (self._unwritten or self._durable_waiters):
+                self._start_write_out()
+
+    async def _write_unwritten(self) -> None:
+        commits, upto = self._unwritten, self._seq
+        self._unwritten, self._unwritten_bytes = [], 0
+        changes: dict[bytes, bytes | None] = {}
+        for commit in commits:
+            changes.update(commit)
+        self._last_handle = await self._db.write(self._batch(changes))
+        self._applied = upto
+        self._prune()
+
+    async def _flush(self) -> None:
+        if self._eager_flush:
+            await self._db.flush_with_options(WAL_FLUSH)
+        elif self._last_handle is not None:
+            await self._last_handle.await_durable()
+
+    def _end_durable_waits(self, error: BaseException | None, upto: int | None = None) -> None:
+        """Release the waiters for commits up to ``upto`` (``None``: all), or fail them with ``error``."""
+        waiting = []
+        for seq, waiter in self._durable_waiters:
+            if upto is not None and seq > upto:
+                waiting.append((seq, waiter))
+            elif not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+        self._durable_waiters = waiting
+
+    def _break(self, error: TaqubaError) -> None:
+        """A write-out failed: commits this process reported may be lost, so take no more."""
+        if self._broken is None:
+            self._broken = error
+        self._end_durable_waits(error)
+
+    def _batch(self, changes: dict[bytes, bytes | None]) -> sdb.WriteBatch:
+        """One SlateDB write batch of ``changes`` (``None``: delete).
 
         Raises:
             StoreError: SlateDB refused a key or value (an empty key, say).
         """
         batch = sdb.WriteBatch()
         try:
-            for key, value in writes.items():
+            for key, value in changes.items():
                 if value is None:
                     batch.delete(key)
                 else:
                     batch.put(key, value)
-            for key, value in counters.items():
-                batch.put(key, value)
         except sdb.Error as exc:
             raise self._translate(exc) from exc
         return batch
 
-    async def _counter(self, key: bytes) -> bytes | None:
-        """The counter under ``key`` as the last commit left it (called under the commit lock)."""
-        if key not in self._counters:
-            self._counters[key] = await self._call(self._db.get(key))
-        return self._counters[key]
-
     def _prune(self) -> None:
-        """Forget the commit numbers that no open or future transaction can conflict with."""
-        horizon = min((txn._start for txn in self._open), default=self._seq)
-        horizon = min(horizon, self._visible_seq())
-        self._last_write = {key: seq for key, seq in self._last_write.items() if seq > horizon}
-        self._prune_at = max(PRUNE_MIN, 2 * len(self._last_write))
+        """Drop the overlay versions that every open transaction's snapshot holds."""
+        oldest = self._pins.oldest()
+        horizon = self._applied if oldest is None else min(oldest, self._applied)
+        self._overlay.prune(horizon, self._cache.remember_one)
 
+    async def _snapshot(self) -> tuple[sdb.DbSnapshot, int]:
+        """A SlateDB snapshot and the commit number it holds at least, pinned against pruning.
 
-async def _outlast(task: asyncio.Future[object]) -> None:
-    """Wait until ``task`` is done, through any number of cancellations of the caller."""
-    while not task.done():
+        One snapshot serves every transaction that begins until the next
+        write-out lands.  The caller unpins the number when done.
+        """
+        shared = self._shared
+        if shared is not None and shared[1] == self._applied:
+            self._pins.pin(shared[1])
+            return shared
+        applied = self._applied
+        self._pins.pin(applied)  # before the call: pruning must keep what it may miss
         try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            continue
+            snapshot = await self._call(self._db.snapshot())
+        except BaseException:
+            self._pins.unpin(applied)
+            raise
+        if self._shared is None or self._shared[1] <= applied:
+            self._shared = (snapshot, applied)
+        return snapshot, applied
+
+    def _read(self, key: bytes, seq: int) -> bytes | None | Miss:
+        """The value of ``key`` as of commit ``seq`` when known without SlateDB, else ``MISS``."""
+        value = self._overlay.read(key, seq)
+        if value is MISS:
+            # Older than every version the overlay holds: the newest version pruned.
+            value = self._cache.get(key)
+        return value
 
 
-class SlateDBDurability(Durability):
-    """The durability of a SlateDB commit that returned before its WAL write was flushed."""
+class CommitDurability(Durability):
+    """The durability of a commit that returned before it reached the object store."""
 
-    __slots__ = ("_handle", "_store", "_ticket")
+    __slots__ = ("_seq", "_store")
 
-    def __init__(self, store: SlateDBStore, handle: sdb.WriteHandle) -> None:
+    def __init__(self, store: SlateDBStore, seq: int) -> None:
         self._store = store
-        self._handle = handle
-        # With eager flushes: the number of the last flush started before the
-        # write returned; the first flush after it carries the write.
-        self._ticket = store._flushes_started if store._eager_flush else None
+        self._seq = seq
 
     async def wait(self) -> None:
-        """Return once the commit's WAL write reached the object store.
+        """Return once the commit reached the object store.
 
         Raises:
-            StoreFenced, StoreClosed, StoreError: the write may not be durable.
+            StoreFenced, StoreClosed, StoreError: the commit may not be durable.
         """
-        if self._ticket is not None:
-            await self._store._flushed_after(self._ticket)
-        else:
-            await self._store._call(self._handle.await_durable())
+        await self._store._durable_after(self._seq)
 
 
 class SlateDBTransaction(Transaction):
@@ -576,32 +623,47 @@ class SlateDBTransaction(Transaction):
 
     SlateDB's own transactions cost one FFI call per put, delete and merge,
     and SlateDB runs the (Python) counter merge operator on its own threads
-    for every merge it is handed, twice.  This transaction keeps its writes
-    in Python instead and commits them as one ``WriteBatch``:
+    for every merge it is handed, twice.  This process is the store's only
+    writer (opening a store fences every earlier writer), so it commits in
+    Python and writes the commits to SlateDB behind them:
 
-    * reads come from a SlateDB snapshot taken at :meth:`SlateDBStore.begin`,
-      with the transaction's own writes laid on top;
+    * a commit is checked and applied to the store's overlay, a table of
+      versions (:class:`~taquba_backends._versions.VersionTable`), without
+      a call into SlateDB; the write-out task then writes every commit made
+      meanwhile as one ``WriteBatch``, in commit order.  A durable commit
+      returns once that batch's WAL write reached the object store;
+    * reads see the commits made before the transaction began, with its
+      own writes laid on top: the newest version at or below its start
+      from the overlay, else the value last pruned from the overlay
+      (:class:`~taquba_backends._readcache.ReadCache`), else a SlateDB
+      snapshot.  The snapshot was taken at begin (one serves every
+      transaction begun before the next write-out lands), and the overlay
+      keeps every version the snapshot may lack until the transaction ends;
     * first committer wins, as in SlateDB's snapshot isolation: at commit,
-      when a key this transaction put or deleted was written by a commit
-      that its snapshot may not include, it raises :class:`StoreConflict`
-      and writes nothing (the check runs under the store's commit lock);
+      when a key this transaction put or deleted has a version committed
+      after it began, it raises :class:`StoreConflict` and writes nothing;
     * counter merges take no part in conflicts; each commit writes a counter
       as its new value (the process keeps the values it last wrote), so
       SlateDB never calls the merge operator on the write path.
 
-    The check covers the transactions of this process, which is the store's
-    only writer (opening a store fences every earlier writer).  After commit
-    or rollback every method but :meth:`rollback` raises
+    After commit or rollback every method but :meth:`rollback` raises
     :class:`StoreClosed`; every method may raise :class:`StoreFenced` or
     :class:`StoreError` when SlateDB fails.
     """
 
-    def __init__(self, store: SlateDBStore, start: int, snapshot: sdb.DbSnapshot) -> None:
+    def __init__(self, store: SlateDBStore, start: int, snapshot: sdb.DbSnapshot, pinned: int) -> None:
         self._store = store
-        self._start = start  # the newest commit that ``snapshot`` is sure to include
+        self._start = start  # the newest commit this transaction sees
         self._snapshot: sdb.DbSnapshot | None = snapshot
+        self._pinned = pinned  # what the snapshot holds at least; pruning keeps newer versions
         self._buffer = WriteBuffer()
         self._done = False
+
+    def __del__(self) -> None:
+        # Dropped without commit or rollback: stop pinning the overlay.  Only
+        # queue the release (an atomic append), as this may run at any point.
+        if not getattr(self, "_done", True):
+            self._store._pins.abandon(self._pinned)
 
     def _check_usable(self) -> None:
         if self._done:
@@ -619,7 +681,10 @@ class SlateDBTransaction(Transaction):
         self._check_usable()
         if key in self._buffer.writes:
             return self._buffer.visible(key, None)
-        return self._buffer.visible(key, await self._store._call(self._view().get(key)))
+        committed = self._store._read(key, self._start)
+        if committed is MISS:
+            committed = await self._store._call(self._view().get(key))
+        return self._buffer.visible(key, committed)  # type: ignore[arg-type]
 
     async def scan(
         self,
@@ -638,22 +703,31 @@ class SlateDBTransaction(Transaction):
         bounds = scan_bounds(prefix, start_after, end)
         if bounds is None or (limit is not None and limit <= 0):
             return []
+        overlay = self._store._overlay
+        layered: dict[bytes, bytes | None] = {}
+        for key in overlay.keys_from(bounds.start, bounds.start_inclusive, bounds.end):
+            value = overlay.read(key, self._start)
+            if value is not MISS:
+                layered[key] = value  # type: ignore[assignment]
         own = self._buffer.keys_in(bounds)
-        # Each buffered key hides at most one committed row: read that many more.
-        want = None if limit is None else limit + len(own)
+        # Each layered key hides or replaces at most one row of the snapshot: read that many more.
+        want = None if limit is None else limit + len(layered) + len(own)
         rows = await self._scan_committed(bounds, want)
-        if not own:
+        if not layered and not own:
             return rows
         known_up_to = None if want is None or len(rows) < want else rows[-1][0]
-        merged = dict(rows)
+        merged: dict[bytes, bytes | None] = dict(rows)
+        for key, value in layered.items():
+            if known_up_to is None or key <= known_up_to:
+                merged[key] = value
         for key in own:
             if known_up_to is None or key <= known_up_to:
-                merged[key] = self._buffer.visible(key, merged.get(key))  # type: ignore[assignment]
+                merged[key] = self._buffer.visible(key, merged.get(key))
         out = sorted((key, value) for key, value in merged.items() if value is not None)
         return out if limit is None else out[:limit]
 
     async def _scan_committed(self, bounds: KeyBounds, want: int | None) -> list[tuple[bytes, bytes]]:
-        """Up to ``want`` committed rows inside ``bounds`` from the snapshot."""
+        """Up to ``want`` rows inside ``bounds`` from the snapshot."""
         call = self._store._call
         view = self._view()
         key_range = sdb.KeyRange(
@@ -688,10 +762,10 @@ class SlateDBTransaction(Transaction):
         self._buffer.merge(key, delta)
 
     async def commit(self, *, durable: bool = True) -> Durability:
-        """Commit; with ``durable`` wait until the WAL write reached the object store.
+        """Commit; with ``durable`` wait until the commit reached the object store.
 
-        Without ``durable`` the returned handle's ``wait()`` waits for the WAL
-        write.  A transaction that wrote nothing returns
+        Without ``durable`` the returned handle's ``wait()`` waits for that.
+        A transaction that wrote nothing returns
         :data:`~taquba_core.kv.DURABLE` at once.
 
         Raises:
@@ -704,15 +778,15 @@ class SlateDBTransaction(Transaction):
         """
         self._check_usable()
         buffer = self._buffer
-        self._finish(keep_open=bool(buffer))
+        self._finish(keep_pinned=bool(buffer))
         if not buffer:
             return DURABLE
         try:
-            handle = await self._store._apply(self._start, buffer)
+            seq = await self._store._commit(self._start, buffer)
         finally:
             # Only now: until its check has run, pruning must keep what it checks against.
-            self._store._open.discard(self)
-        pending = SlateDBDurability(self._store, handle)
+            self._store._pins.unpin(self._pinned)
+        pending = CommitDurability(self._store, seq)
         if not durable:
             return pending
         await pending.wait()
@@ -723,9 +797,9 @@ class SlateDBTransaction(Transaction):
         if not self._done:
             self._finish()
 
-    def _finish(self, keep_open: bool = False) -> None:
+    def _finish(self, keep_pinned: bool = False) -> None:
         self._done = True
         self._snapshot = None
         self._buffer = WriteBuffer()
-        if not keep_open:
-            self._store._open.discard(self)
+        if not keep_pinned:
+            self._store._pins.unpin(self._pinned)

@@ -14,15 +14,15 @@ class Notifier:
     """
 
     def __init__(self) -> None:
-        self._waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+        self._waiters: defaultdict[str, set[asyncio.Future[bool]]] = defaultdict(set)
 
-    def register(self, topic: str) -> asyncio.Future[None]:
-        """A future that completes at the next :meth:`notify` of ``topic``."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def register(self, topic: str) -> asyncio.Future[bool]:
+        """A future that completes (with ``True``) at the next :meth:`notify` of ``topic``."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters[topic].add(fut)
         return fut
 
-    def discard(self, topic: str, fut: asyncio.Future[None]) -> None:
+    def discard(self, topic: str, fut: asyncio.Future[bool]) -> None:
         waiters = self._waiters.get(topic)
         if waiters is not None:
             waiters.discard(fut)
@@ -33,19 +33,24 @@ class Notifier:
         """Wake every waiter of ``topic``."""
         for fut in self._waiters.pop(topic, ()):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(True)
 
     def notify_all(self) -> None:
         """Wake every waiter of every topic (used at close)."""
         for topic in list(self._waiters):
             self.notify(topic)
 
-    async def wait(self, topic: str, fut: asyncio.Future[None], timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for ``fut``; True when it was notified."""
+    async def wait(self, topic: str, fut: asyncio.Future[bool], timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``fut`` (one waiter's own); True when it was notified."""
+        # A timer instead of asyncio.wait_for: no extra task or future per wait.
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, fut)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await fut
         finally:
+            timer.cancel()
             self.discard(topic, fut)
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)

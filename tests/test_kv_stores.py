@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from queue_helpers import close_with_a_cancelled_first_try
 
 from taquba_backends import MemoryStore, SlateDBStore, open_store
+from taquba_backends._versions import Pins
 from taquba_backends.memory import FaultPlan
 from taquba_backends.slatedb_store import parse_slatedb_url
 from taquba_core.errors import (
@@ -367,8 +368,17 @@ async def test_merge_onto_a_value_that_is_no_counter_writes_nothing(store: KVSto
     await txn.merge_counter(b"x", 1)
     await txn.put(b"y", b"1")
     with pytest.raises(CorruptRecord, match="not a counter"):
+        await txn.get(b"x")  # the transaction's own view of the key is no counter either
+    with pytest.raises(CorruptRecord, match="not a counter"):
+        await txn.scan(b"")
+    with pytest.raises(CorruptRecord, match="not a counter"):
         await txn.commit()
-    assert (await read(store, b"x"), await read(store, b"y")) == (b"abc", None)
+    txn = await store.begin()
+    await txn.put(b"z", b"abc")
+    await txn.merge_counter(b"z", 1)
+    with pytest.raises(CorruptRecord, match="not a counter"):
+        await txn.commit()
+    assert (await read(store, b"x"), await read(store, b"y"), await read(store, b"z")) == (b"abc", None, None)
     await write(store, y=b"2")  # the store goes on working
     assert await read(store, b"y") == b"2"
 
@@ -410,6 +420,30 @@ async def test_first_merges_of_a_stored_counter_racing_a_put_all_count(tmp_path:
     await kv.close()
     kv = await open_store(url)
     assert decode_counter(await read(kv, b"n")) == before + 10
+    await kv.close()
+
+
+async def test_a_put_landing_between_a_counter_read_and_its_use_is_not_lost(tmp_path: Path) -> None:
+    url = (tmp_path / "db").as_uri()
+    kv = await open_store(url)
+    await write(kv, n=COUNTER.pack(5))
+    await kv.close()
+    kv = await SlateDBStore.open(url)  # the counter is only in SlateDB: a merge reads it first
+    merging, putting = await kv.begin(), await kv.begin()
+    await merging.merge_counter(b"n", 1)
+    await putting.put(b"n", COUNTER.pack(100))
+    merge = asyncio.ensure_future(merging.commit())
+    await asyncio.sleep(0)
+    assert b"n" in kv._loading  # the merge is reading the counter
+    while b"n" in kv._loading:  # until the read is over
+        await asyncio.sleep(0)
+    try:
+        await putting.commit(durable=False)
+        expected = 101  # the put landed first: the merge adds to it
+    except StoreConflict:
+        expected = 6  # the merge landed first: the put, which began before it, loses
+    await merge
+    assert decode_counter(await read(kv, b"n")) == expected
     await kv.close()
 
 
@@ -455,6 +489,21 @@ async def test_a_failed_write_out_fails_the_waiters_and_stops_the_store(tmp_path
     await second.close()
 
 
+def test_pins_hold_one_entry_per_number_pinned() -> None:
+    pins = Pins()
+    pins.pin(5)  # a long transaction
+    for seq in range(6, 10_006):  # many short ones come and go meanwhile
+        pins.pin(seq)
+        pins.pin(seq)
+        pins.unpin(seq)
+        pins.unpin(seq)
+        assert len(pins) == 1 and pins.oldest() == 5
+    pins.pin(10_006)
+    pins.abandon(5)  # dropped without ending
+    pins.unpin(10_006)
+    assert len(pins) == 0 and pins.oldest() is None
+
+
 async def test_slatedb_overlay_keeps_what_open_snapshots_lack_and_no_more() -> None:
     kv = await SlateDBStore.open("memory://")
     pinned = await kv.begin()  # its snapshot lacks every later commit: the overlay keeps them
@@ -463,6 +512,7 @@ async def test_slatedb_overlay_keeps_what_open_snapshots_lack_and_no_more() -> N
     assert len(kv._overlay) >= 300
     assert await pinned.get(b"k1") is None and await pinned.scan(b"k") == []
     await pinned.rollback()
+    assert len(kv._overlay) == 0  # all written out, and nothing pins them any more
     for i in range(300):
         await write(kv, **{f"j{i}": b"v"})
     assert len(kv._overlay) <= 1  # released once nothing pins it

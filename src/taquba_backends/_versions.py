@@ -114,25 +114,25 @@ class VersionTable:
 class Pins:
     """Open transactions counted by the commit number each pins.
 
-    ``oldest()`` is the smallest pinned number, or ``None``.  A transaction
+    ``oldest()`` is the smallest number pinned, or ``None``.  A transaction
     dropped without ending is released through :meth:`abandon`, which only
     appends (safe to call from ``__del__`` at any point); the release takes
     effect at the next :meth:`pin` or :meth:`unpin`.
     """
 
-    __slots__ = ("_counts", "_order", "_abandoned")
+    __slots__ = ("_counts", "_abandoned")
 
     def __init__(self) -> None:
         self._counts: dict[int, int] = {}
-        self._order: deque[int] = deque()  # distinct pinned numbers in pin order
         self._abandoned: list[int] = []
+
+    def __len__(self) -> int:
+        """The distinct numbers pinned."""
+        return len(self._counts)
 
     def pin(self, seq: int) -> None:
         self._release_abandoned()
-        if seq not in self._counts:
-            self._counts[seq] = 0
-            self._order.append(seq)
-        self._counts[seq] += 1
+        self._counts[seq] = self._counts.get(seq, 0) + 1
 
     def unpin(self, seq: int) -> None:
         self._forget(seq)
@@ -142,15 +142,13 @@ class Pins:
         self._abandoned.append(seq)
 
     def oldest(self) -> int | None:
-        """The smallest number pinned (numbers are pinned in ascending order)."""
-        return self._order[0] if self._order else None
+        """The smallest number pinned (a scan of the distinct numbers: open transactions are few)."""
+        return min(self._counts) if self._counts else None
 
     def _forget(self, seq: int) -> None:
         self._counts[seq] -= 1
         if self._counts[seq] == 0:
             del self._counts[seq]
-        while self._order and self._order[0] not in self._counts:
-            self._order.popleft()
 
     def _release_abandoned(self) -> None:
         while self._abandoned:

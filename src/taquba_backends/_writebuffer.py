@@ -43,7 +43,8 @@ def counter_plus(url: str, key: bytes, value: bytes | None, delta: int) -> bytes
     try:
         return add_counter(value, COUNTER.pack(delta))
     except struct.error as exc:
-        raise CorruptRecord(f"key {key!r} of store {url} holds {value!r:.60}, not a counter (+{delta})") from exc
+        where = f" of store {url}" if url else ""
+        raise CorruptRecord(f"key {key!r}{where} holds {value!r:.60}, not a counter (+{delta})") from exc
 
 
 def check_key(key: bytes) -> bytes:
@@ -91,10 +92,14 @@ class WriteBuffer:
         return key in self.writes or key in self.merges
 
     def visible(self, key: bytes, committed: bytes | None) -> bytes | None:
-        """What a read of ``key`` returns when the committed value is ``committed``."""
+        """What a read of ``key`` returns when the committed value is ``committed``.
+
+        Raises:
+            CorruptRecord: ``key`` was merged but does not hold a counter.
+        """
         base = self.writes[key] if key in self.writes else committed
         if key in self.merges:
-            return add_counter(base, COUNTER.pack(self.merges[key]))
+            return counter_plus("", key, base, self.merges[key])
         return base
 
     def keys_in(self, bounds: KeyBounds) -> list[bytes]:
@@ -110,7 +115,7 @@ class WriteBuffer:
         """``(writes, merges)`` to apply: merges on written keys folded into
         their values, and the deltas of the keys only merged."""
         writes = {
-            key: add_counter(value, COUNTER.pack(self.merges[key])) if key in self.merges else value
+            key: counter_plus("", key, value, self.merges[key]) if key in self.merges else value
             for key, value in self.writes.items()
         }
         return writes, {key: d for key, d in self.merges.items() if key not in self.writes}

@@ -327,9 +327,11 @@ class SlateDBStore(KVStore):
         return SlateDBTransaction(self, self._seq, snapshot, pinned)
 
     async def close(self) -> None:
-        """Flush and shut the database down; a no-op when already closed.
+        """Write out every commit made so far, flush and shut the database down.
 
-        A fenced store closes without error.
+        A no-op when already closed.  A fenced store closes without error;
+        its commits that were not yet durable are lost (callers that waited
+        for their durability got :class:`StoreFenced`).
 
         Raises:
             StoreError: SlateDB failed to shut down cleanly.
@@ -404,18 +406,32 @@ class SlateDBStore(KVStore):
     # -- commits (for SlateDBTransaction) ---------------------------------
 
     async def _load_counter(self, key: bytes) -> None:
-        """Make sure ``_counters`` holds the value the last commit left under ``key``."""
+        """Make sure ``_counters`` holds the value the last commit left under ``key``.
+
+        While a key is in ``_loading``, every commit that writes it records
+        the value in ``_counters`` (see :meth:`_commit`), which then wins over
+        the value read.  The key leaves ``_loading`` in the same step as the
+        value read is stored, so no commit can slip between the two.
+        """
         if key in self._counters:
             return
         value = self._read(key, self._seq)
-        if value is MISS:
-            loading = self._loading.get(key)
-            if loading is None:
-                loading = self._loading[key] = asyncio.ensure_future(self._call(self._db.get(key)))
-                loading.add_done_callback(lambda _: self._loading.pop(key, None))
-            value = await asyncio.shield(loading)
-        # A commit that wrote the key meanwhile has set it (see _commit).
-        self._counters.setdefault(key, value)  # type: ignore[arg-type]
+        if value is not MISS:
+            self._counters[key] = value  # type: ignore[assignment]
+            return
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.ensure_future(self._call(self._db.get(key)))
+        try:
+            stored = await asyncio.shield(loading)
+        except BaseException:
+            if loading.done() and (loading.cancelled() or loading.exception() is not None):
+                if self._loading.get(key) is loading:
+                    del self._loading[key]  # a failed read: the next caller reads again
+            raise
+        self._counters.setdefault(key, stored)
+        if self._loading.get(key) is loading:
+            del self._loading[key]
 
     async def _commit(self, start: int, buffer: WriteBuffer) -> int:
         """Check ``buffer`` against the commits after ``start`` and apply it; return its number.
@@ -563,6 +579,11 @@ class SlateDBStore(KVStore):
         except sdb.Error as exc:
             raise self._translate(exc) from exc
         return batch
+
+    def _unpin(self, pinned: int) -> None:
+        """A transaction whose snapshot held commit ``pinned`` ended: prune what nobody needs now."""
+        self._pins.unpin(pinned)
+        self._prune()
 
     def _prune(self) -> None:
         """Drop the overlay versions that every open transaction's snapshot holds."""
@@ -785,7 +806,7 @@ class SlateDBTransaction(Transaction):
             seq = await self._store._commit(self._start, buffer)
         finally:
             # Only now: until its check has run, pruning must keep what it checks against.
-            self._store._pins.unpin(self._pinned)
+            self._store._unpin(self._pinned)
         pending = CommitDurability(self._store, seq)
         if not durable:
             return pending
@@ -802,4 +823,4 @@ class SlateDBTransaction(Transaction):
         self._snapshot = None
         self._buffer = WriteBuffer()
         if not keep_pinned:
-            self._store._pins.unpin(self._pinned)
+            self._store._unpin(self._pinned)

@@ -49,6 +49,7 @@ async def flush_memtable(queue: Queue) -> None:
     """Write the memtable to an SST (benchmark-only use of the adapter's database handle)."""
     db = getattr(queue.store, "_db", None)
     if db is not None:
+        await queue.store.sync()  # every commit written to SlateDB first
         await db.flush_with_options(sdb.FlushOptions(flush_type=sdb.FlushType.MEM_TABLE))
 
 

@@ -151,6 +151,9 @@ async def reaping(root: Path, sizes: list[int], reps: int) -> tuple[Table, Targe
     async def make_due(q: Queue) -> None:
         await q.enqueue_batch("q", [PAYLOAD] * DUE)
         assert len(await q.claim_batch("q", DUE, lease=1)) == DUE
+        # Claims return before SlateDB has them; without this, writing them
+        # out (after up to the flush interval) could land inside the timed sweep.
+        await q.store.sync()
 
     times = await flatness(queues, clock, reps, make_due, lambda q: q.reap_now())
     return flatness_result(

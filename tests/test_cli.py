@@ -139,7 +139,7 @@ def test_dead_and_requeue(store: str) -> None:
     assert out.strip() == f"requeued {ids[1]} on work"
     job = cli_json(store, "get", ids[1])
     assert (job["status"], job["attempts"], job["last_error"]) == ("Pending", 0, None)
-    fails_with_one_line(store, "requeue", ids[1], match="JobNotFound")
+    fails_with_one_line(store, "requeue", ids[1], match="is Pending, not dead")
     stats = cli_json(store, "stats", "work")[0]
     assert (stats["pending"], stats["dead"]) == (1, 2)
 
@@ -193,6 +193,38 @@ def test_bad_arguments_exit_with_one_line(store: str) -> None:
     fails_with_one_line(store, "jobs", "q", "--limit", "0", match="limit")
     fails_with_one_line(store, "jobs", "q", "--cursor", "zz", match="cursor")
     fails_with_one_line(store, "enqueue", "q", "x", "--priority", "-1", match="priority")
+
+
+async def test_writing_commands_with_bad_input_do_not_fence_a_running_writer(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'live'}"
+    writer = await Queue.open(await open_store(url), background=False)
+    try:
+        job = await writer.enqueue("live", b"one")
+        await writer.store.sync()
+        mistakes = [
+            ["enqueue", "live", "x", "--delay", "-1"],
+            ["enqueue", "a:b", "x"],
+            ["requeue", job],  # pending, not dead
+            ["requeue", "NOSUCHID"],
+            ["cancel", "NOSUCHID"],
+            ["worker", "live", "json:dumps", "--concurrency", "0"],
+            ["worker", "a:b", "json:dumps"],
+        ]
+        for args in mistakes:
+            result = await asyncio.to_thread(CliRunner().invoke, main, [*args, "--store", url])
+            assert result.exit_code != 0, (args, result.output)
+            assert "Error" in result.stderr, (args, result.stderr)
+        await writer.enqueue("live", b"two")  # still the writer: no StoreFenced
+        assert (await writer.stats("live")).pending == 2
+    finally:
+        await writer.close()
+
+
+@pytest.mark.parametrize("url", ["fil:///tmp/x", "file:/tmp/x"])
+def test_a_mistyped_store_url_is_named_as_such(url: str) -> None:
+    result = CliRunner().invoke(main, ["stats", "--store", url])
+    assert result.exit_code == 1
+    assert "InvalidStoreUrl" in result.stderr and "keeps nothing" not in result.stderr
 
 
 async def test_read_commands_do_not_fence_a_running_writer(tmp_path) -> None:

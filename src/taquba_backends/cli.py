@@ -28,6 +28,7 @@ from rich.table import Table
 from taquba_core import (
     PRIORITY_NORMAL,
     CancelOutcome,
+    EnqueueResult,
     JobRecord,
     JobStatus,
     Queue,
@@ -38,7 +39,7 @@ from taquba_core.keys import validate_queue_name
 from taquba_core.worker import Handler
 
 from .demo import default_root, run_demo
-from .url import names_persistent_store, open_store
+from .url import EPHEMERAL_SCHEMES, names_persistent_store, open_store, url_scheme
 
 DEFAULT_STORE = "./.taquba"
 T = TypeVar("T")
@@ -48,7 +49,7 @@ store_option = click.option(
     envvar="TAQUBA_STORE",
     default=DEFAULT_STORE,
     show_default=True,
-    help="Store URL (file:///dir, a path, memory://, s3://bucket/prefix); env TAQUBA_STORE.",
+    help="Store URL (a path, file:///dir, s3://bucket/prefix, gs://..., az://...; the demo also takes memory://); env TAQUBA_STORE.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -62,7 +63,7 @@ async def opened(url: str, *, read_only: bool = False, ephemeral_ok: bool = Fals
     it is opened normally.  Only ``ephemeral_ok`` callers (the demo) may
     use a store that vanishes when the command exits.
     """
-    if not ephemeral_ok and not names_persistent_store(url):
+    if not ephemeral_ok and not names_persistent_store(url) and url_scheme(url) in EPHEMERAL_SCHEMES:
         raise click.ClickException(f"store {url!r} keeps nothing after this command exits; use a path or file:// URL")
     view = read_only and names_persistent_store(url)
     queue = await Queue.open(await open_store(url, read_only=view), **options)
@@ -77,6 +78,17 @@ async def require_queue(q: Queue, name: str) -> None:
     validate_queue_name(name)
     if name not in await q.list_queues():
         raise click.ClickException(f"no queue named {name!r} in this store")
+
+
+async def dry_run(action: Callable[[Queue], Awaitable[object]]) -> None:
+    """Run ``action`` on a scratch in-memory queue first: the same checks of the input as the
+    real call, so that bad input fails before the command opens the store as its writer
+    (which would stop the store's running worker)."""
+    scratch = await Queue.open(await open_store("inmemory://"), background=False)
+    try:
+        await action(scratch)
+    finally:
+        await scratch.close()
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -123,17 +135,17 @@ def enqueue(
             raise click.BadParameter(f"header {item!r} is not K=V", param_hint="--header")
         parsed[key] = value
 
+    options: dict[str, Any] = dict(
+        priority=priority, delay=delay, max_attempts=max_attempts, headers=parsed, dedup_key=dedup_key
+    )
+
+    def submit(q: Queue) -> Awaitable[EnqueueResult]:
+        return q.enqueue_with(queue, data, **options)
+
     async def go() -> str:
+        await dry_run(submit)
         async with opened(store, background=False) as q:
-            result = await q.enqueue_with(
-                queue,
-                data,
-                priority=priority,
-                delay=delay,
-                max_attempts=max_attempts,
-                headers=parsed,
-                dedup_key=dedup_key,
-            )
+            result = await submit(q)
             if not result.created:
                 click.echo(f"already enqueued: job {result.id} carries dedup key {dedup_key!r}", err=True)
             return result.id
@@ -161,7 +173,7 @@ def load_handler(spec: str) -> Handler:
 @main.command()
 @click.argument("queue")
 @click.argument("handler")
-@click.option("--concurrency", type=int, default=1, show_default=True, help="Jobs handled at once.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Jobs handled at once.")
 @store_option
 def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
     """Run HANDLER (module:function, async or sync, taking the job record) on QUEUE until Ctrl-C.
@@ -170,6 +182,10 @@ def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
     settle, then the command exits 0.
     """
     func = load_handler(handler)
+    try:
+        validate_queue_name(queue)
+    except TaqubaError as exc:
+        raise click.BadParameter(str(exc), param_hint="QUEUE") from exc
 
     async def go() -> None:
         shutdown = stop_on_signals("finishing the jobs in flight")
@@ -244,7 +260,7 @@ def stats(queue: str | None, as_json: bool, store: str) -> None:
 
 @main.command()
 @click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--workers", type=int, default=4, show_default=True, help="Concurrent workers.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Concurrent workers.")
 @store_option
 def demo(directory: Path | None, workers: int, store: str) -> None:
     """Fingerprint every file under DIRECTORY (default: Python's standard library) through the queue.
@@ -402,11 +418,22 @@ def get(job_id: str, as_json: bool, store: str) -> None:
     _table(f"job {job_id}", ["field", "value"], [[k, "" if v is None else v] for k, v in fields.items()])
 
 
+def _require_job(job_id: str, store: str, statuses: set[JobStatus], what: str) -> None:
+    """Fail unless the job is in one of ``statuses``, looking through the read-only view
+    (so that a mistyped id does not take the store over from its running worker)."""
+    job = _one_job_command(Queue.get_job, read_only=True)(job_id, store)
+    if job is None:
+        raise click.ClickException(f"no {what} job with id {job_id!r}")
+    if job.status not in statuses:
+        raise click.ClickException(f"job {job_id!r} is {job.status.value}, not {what}")
+
+
 @main.command()
 @click.argument("job_id")
 @store_option
 def requeue(job_id: str, store: str) -> None:
     """Move a dead job back to pending with a fresh attempt budget."""
+    _require_job(job_id, store, {JobStatus.DEAD}, "dead")
     job = _one_job_command(Queue.requeue_dead_job)(job_id, store)
     click.echo(f"requeued {job.id} on {job.queue}")
 
@@ -416,6 +443,7 @@ def requeue(job_id: str, store: str) -> None:
 @store_option
 def cancel(job_id: str, store: str) -> None:
     """Cancel a job: removed when waiting, a request when claimed."""
+    _require_job(job_id, store, {JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.CLAIMED}, "pending, scheduled or claimed")
     outcome = _one_job_command(Queue.cancel)(job_id, store)
     if outcome is CancelOutcome.NOT_FOUND:
         raise click.ClickException(f"no pending, scheduled or claimed job with id {job_id!r}")
@@ -427,8 +455,14 @@ def kv() -> None:
     """The caller key-value namespace (keys and values as UTF-8 text)."""
 
 
-def _kv_call(store: str, action: Callable[[Queue], Awaitable[T]], *, read_only: bool = False) -> T:
+def _kv_call(
+    store: str, action: Callable[[Queue], Awaitable[T]], *, read_only: bool = False, checked: bool = False
+) -> T:
+    """Run ``action`` on the store; ``checked`` writes first run it as a :func:`dry_run`."""
+
     async def go() -> T:
+        if checked:
+            await dry_run(action)
         async with opened(store, read_only=read_only, background=False) as q:
             return await action(q)
 
@@ -452,7 +486,7 @@ def kv_get(key: str, store: str) -> None:
 @store_option
 def kv_put(key: str, value: str, store: str) -> None:
     """Store VALUE under KEY."""
-    _kv_call(store, lambda q: q.kv_put(key.encode(), value.encode()))
+    _kv_call(store, lambda q: q.kv_put(key.encode(), value.encode()), checked=True)
 
 
 @kv.command("del")
@@ -460,7 +494,7 @@ def kv_put(key: str, value: str, store: str) -> None:
 @store_option
 def kv_del(key: str, store: str) -> None:
     """Delete KEY."""
-    _kv_call(store, lambda q: q.kv_delete(key.encode()))
+    _kv_call(store, lambda q: q.kv_delete(key.encode()), checked=True)
 
 
 @kv.command("scan")

@@ -20,6 +20,15 @@ ACCEPTED_FORMS = (
 )
 
 
+EPHEMERAL_SCHEMES = frozenset({"inmemory", "memory"})
+
+
+def url_scheme(url: str) -> str | None:
+    """The lower-cased scheme of ``url``; ``None`` for a plain path."""
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    return None if match is None else match.group(1).lower()
+
+
 def names_persistent_store(url: str) -> bool:
     """Whether ``url`` names a store that outlives the process (a path, file, s3, gs, az)."""
     match = _SCHEME.match(url) if isinstance(url, str) else None

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from queue_helpers import close_with_a_cancelled_first_try
 
 from taquba_backends import MemoryStore, SlateDBStore, open_store
+from taquba_backends._readcache import ENTRY_OVERHEAD, MISS, ReadCache
 from taquba_backends._versions import Pins
 from taquba_backends.memory import FaultPlan
 from taquba_backends.slatedb_store import parse_slatedb_url
@@ -487,6 +488,17 @@ async def test_a_failed_write_out_fails_the_waiters_and_stops_the_store(tmp_path
     await first.close()
     assert await read(second, b"k") == b"first"
     await second.close()
+
+
+def test_read_cache_keeps_the_newest_values_within_its_budget() -> None:
+    cache = ReadCache(budget=3 * (ENTRY_OVERHEAD + 2 + 10))
+    for i in range(5):
+        cache.remember(b"k%d" % i, b"v" * 10)
+    assert [cache.get(b"k%d" % i) for i in range(5)] == [MISS, MISS, b"v" * 10, b"v" * 10, b"v" * 10]
+    cache.remember(b"k2", None)  # a delete is remembered, and refreshes the key
+    cache.remember(b"k5", b"v" * 10)
+    assert (cache.get(b"k2"), cache.get(b"k3"), len(cache)) == (None, MISS, 3)
+    assert cache.size <= 3 * (ENTRY_OVERHEAD + 2 + 10)
 
 
 def test_pins_hold_one_entry_per_number_pinned() -> None:

@@ -15,8 +15,6 @@ evicts the keys written longest ago.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 ENTRY_OVERHEAD = 96
 """Bytes charged per entry beyond its key and value (dict slot, tuple, object headers)."""
 
@@ -54,22 +52,17 @@ class ReadCache:
         """The last committed value under ``key`` (``None``: deleted), or :data:`MISS`."""
         return self._entries.get(key, MISS)
 
-    def remember(self, writes: Mapping[bytes, bytes | None]) -> None:
-        """Record committed ``writes``; evict the keys written longest ago beyond the budget."""
+    def remember(self, key: bytes, value: bytes | None) -> None:
+        """Record ``value`` (``None``: deleted) under ``key``; evict the keys remembered longest ago beyond the budget."""
         entries = self._entries
-        for key, value in writes.items():
-            old = entries.pop(key, MISS)
-            if old is not MISS:
-                self._size -= _cost(key, old)  # type: ignore[arg-type]
-            entries[key] = value  # at the end: the most recently written
-            self._size += _cost(key, value)
+        old = entries.pop(key, MISS)
+        if old is not MISS:
+            self._size -= _cost(key, old)  # type: ignore[arg-type]
+        entries[key] = value  # at the end: the most recent
+        self._size += _cost(key, value)
         while self._size > self._budget and entries:
-            key = next(iter(entries))
-            self._size -= _cost(key, entries.pop(key))
-
-    def remember_one(self, key: bytes, value: bytes | None) -> None:
-        """:meth:`remember` of one write."""
-        self.remember({key: value})
+            oldest = next(iter(entries))
+            self._size -= _cost(oldest, entries.pop(oldest))
 
 
 def _cost(key: bytes, value: bytes | None) -> int:

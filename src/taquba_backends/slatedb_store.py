@@ -589,7 +589,7 @@ class SlateDBStore(KVStore):
         """Drop the overlay versions that every open transaction's snapshot holds."""
         oldest = self._pins.oldest()
         horizon = self._applied if oldest is None else min(oldest, self._applied)
-        self._overlay.prune(horizon, self._cache.remember_one)
+        self._overlay.prune(horizon, self._cache.remember)
 
     async def _snapshot(self) -> tuple[sdb.DbSnapshot, int]:
         """A SlateDB snapshot and the commit number it holds at least, pinned against pruning.

@@ -860,3 +860,18 @@ async def test_stats_of_a_closed_queue_raise_as_every_read_does(queue: Queue) ->
         await queue.stats("q")
     with pytest.raises(StoreClosed):
         await queue.list_queues()
+
+
+@pytest.mark.parametrize("url", ["inmemory://", "memory://"])
+async def test_closing_during_background_sweeps_logs_no_error(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A sweep that finds its queue closing stops quietly: a shutdown is not a failure."""
+    from taquba_backends import open_store
+
+    caplog.set_level(logging.WARNING, logger="taquba")
+    for i in range(40):
+        queue = await Queue.open(await open_store(url), promote_interval=0.001, reap_interval=0.001)
+        await queue.enqueue_with("q", b"x", delay=0.001)
+        for _ in range(i % 7):
+            await asyncio.sleep(0.0005)
+        await queue.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

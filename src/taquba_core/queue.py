@@ -365,6 +365,8 @@ class Queue:
                 self._fenced_by(exc)
                 return
             except TaqubaError as exc:
+                if self._closed:
+                    return  # closing: a sweep cut short is redone by the next opener
                 if exc.is_permanent:
                     log.error("background sweep stopped: %s", exc)
                     return

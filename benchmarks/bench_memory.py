@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import child_main, peak_rss_mb
+from .common import child_main, peak_rss_mb, temp_dir
 
 
 def rss_mb() -> float:
@@ -39,7 +38,7 @@ async def measure(n: int, batch: int, workers: int, payload: int) -> dict[str, A
             samples.append((phase, rss_mb()))
             await asyncio.sleep(0.02)
 
-    with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
+    with temp_dir("bench-mem-") as tmp:
         baseline = rss_mb()
         watcher = asyncio.create_task(sampler())
         queue = await Queue.open(await open_store(Path(tmp, "store").as_uri()))

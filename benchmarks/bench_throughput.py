@@ -36,13 +36,12 @@ import itertools
 import os
 import resource
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import child_main, peak_rss_mb, percentile
+from .common import child_main, peak_rss_mb, percentile, temp_dir
 
 QUEUE = "bench"
 
@@ -213,7 +212,7 @@ def huey_e2e(conc: int, payload: int, n: int) -> dict[str, Any]:
     from huey.signals import SIGNAL_COMPLETE
 
     logging.getLogger("huey").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="bench-huey-") as tmp:
+    with temp_dir("bench-huey-") as tmp:
         huey = SqliteHuey("bench", filename=str(Path(tmp) / "huey.db"), fsync=True, results=True)
         data = os.urandom(payload)
         enq_start: dict[int, float] = {}
@@ -351,12 +350,12 @@ async def procrastinate_e2e(conninfo: str, conc: int, payload: int, n: int) -> d
 # -- child entry point -------------------------------------------------------------------------
 
 
-def _store_url(store: str, tmp: str) -> str:
+def _store_url(store: str, tmp: Path) -> str:
     return "memory://" if store == "memory" else Path(tmp, "store").as_uri()
 
 
 def handle(kind: str, conc: int, payload: int, n: int, store: str = "file", conninfo: str = "") -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+    with temp_dir("bench-tp-") as tmp:
         if kind == "taquba":
             return asyncio.run(taquba_e2e(_store_url(store, tmp), conc, payload, n))
         if kind == "ceiling":

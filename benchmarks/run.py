@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from . import bench_keys, bench_scans
-from .common import README, RESULTS, Table, Target, environment, median, run_child, targets_table
+from .common import README, RESULTS, Table, Target, environment, median, run_child, scratch_session, targets_table
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
@@ -339,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment()
     start = time.time()
+    with scratch_session():
+        tables, targets = measure(profile, only, with_peers, env)
+    elapsed = time.time() - start
+    return report(args, profile, only, with_peers, env, command, tables, targets, elapsed, skipped)
+
+
+def measure(profile: dict, only: set[str], with_peers: bool, env: dict[str, Any]) -> tuple[list[Table], list[Target]]:
+    """Run the benchmarks ``only`` names; ``env`` gets the PostgreSQL version when peers ran."""
     tables: list[Table] = []
     targets: list[Target] = []
     if "keys" in only:
@@ -366,8 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         t[0].print()
         tables += t
         targets += g
-    elapsed = time.time() - start
+    return tables, targets
 
+
+def report(args: argparse.Namespace, profile: dict, only: set[str], with_peers: bool, env: dict[str, Any], command: str,
+           tables: list[Table], targets: list[Target], elapsed: float, skipped: list[str]) -> int:
+    """Print the targets, append to RESULTS.md, update the README; 1 when a target is missed."""
     summary = targets_table(targets)
     summary.print()
     params = {k: v for k, v in profile.items() if k in {"keys", "scans", "throughput", "memory"} or k == "peers"}

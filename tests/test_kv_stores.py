@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from queue_helpers import close_with_a_cancelled_first_try
 
-from taquba_backends import MemoryStore, SlateDBStore, open_store
+from taquba_backends import MemoryStore, SlateDBStore, open_store, slatedb_store
 from taquba_backends._readcache import ENTRY_OVERHEAD, MISS, ReadCache
 from taquba_backends._versions import Pins
 from taquba_backends.memory import FaultPlan
@@ -623,10 +623,10 @@ async def test_concurrent_durable_commits_share_write_outs_and_flushes(
     flushes = 0
     flush = kv._flush
 
-    async def counted() -> None:
+    async def counted(handle: object) -> None:
         nonlocal flushes
         flushes += 1
-        await flush()
+        await flush(handle)
 
     monkeypatch.setattr(kv, "_flush", counted)
     try:
@@ -634,6 +634,70 @@ async def test_concurrent_durable_commits_share_write_outs_and_flushes(
         assert 1 <= flushes < 40  # group commit: the commits made during one flush share the next
         assert len(await scan_all(kv, b"k")) == 40
     finally:
+        await kv.close()
+
+
+def hold_first_flush(kv: SlateDBStore, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, list[int]]:
+    """Make ``kv``'s first WAL flush wait for the returned event; the list gets, per flush, the last commit written."""
+    release = asyncio.Event()
+    flushes: list[int] = []
+    flush = kv._flush
+
+    async def first_held(handle: Any) -> None:
+        flushes.append(kv._applied)
+        if len(flushes) == 1:
+            await release.wait()
+        await flush(handle)
+
+    monkeypatch.setattr(kv, "_flush", first_held)
+    return release, flushes
+
+
+async def until(condition: Any) -> None:
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+async def test_a_small_commit_is_written_and_flushed_while_an_earlier_flush_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    release, flushes = hold_first_flush(kv, monkeypatch)
+    try:
+        first = asyncio.ensure_future(write(kv, a=b"1"))
+        await until(lambda: len(flushes) == 1)
+        await asyncio.wait_for(write(kv, b=b"2"), timeout=10)
+        assert len(flushes) == 2 and flushes[1] > flushes[0]
+        # SlateDB writes its WAL in order: the second flush made the first commit durable too.
+        await asyncio.wait_for(first, timeout=10)
+        assert not release.is_set()
+    finally:
+        release.set()
+        await kv.close()
+    reopened = await open_store((tmp_path / "db").as_uri())
+    assert (await read(reopened, b"a"), await read(reopened, b"b")) == (b"1", b"2")
+    await reopened.close()
+
+
+async def test_a_large_batch_waits_for_the_running_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    release, flushes = hold_first_flush(kv, monkeypatch)
+    try:
+        first = asyncio.ensure_future(write(kv, a=b"1"))
+        await until(lambda: len(flushes) == 1)
+        written = kv._applied
+        second = asyncio.ensure_future(write(kv, b=bytes(slatedb_store.PIPELINE_BYTES + 1)))
+        third = asyncio.ensure_future(write(kv, c=b"3"))
+        await asyncio.sleep(0.05)
+        assert kv._applied == written and not second.done()  # left to grow while the flush runs
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second, third), timeout=10)
+        assert flushes == [written, written + 2]  # the two later commits: one write, one flush
+    finally:
+        release.set()
         await kv.close()
 
 

@@ -78,6 +78,16 @@ WRITE_OUT_BYTES = 4 * 1024 * 1024
 READ_CACHE_BYTES = 8 * 1024 * 1024
 """Budget of the values last pruned from the overlay that reads are answered from (see ``_readcache.py``)."""
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
+MAX_FLUSHES = 2
+"""WAL flushes a store has in flight at once (see ``_write_out_all``)."""
+PIPELINE_BYTES = 64 * 1024
+"""Unwritten changes (bytes) up to which the next batch is written while a flush runs.
+
+Writing a small batch at once, instead of after the running flush, cuts a
+lone caller's wait; a larger one waits for the flush and keeps growing:
+fewer, larger writes leave the event loop more time for the callers' own
+work (measured with benchmarks/bench_throughput.py on file://; see
+``_write_out_all``)."""
 L0_SST_SIZE_BYTES = 32 * 1024 * 1024
 """Memtable size at which SlateDB writes an L0 SST (its default is 64 MiB).
 
@@ -229,8 +239,10 @@ class SlateDBStore(KVStore):
     to SlateDB behind the commits by one write-out task (see
     :meth:`_write_out_all`): each pass writes every commit made since the
     previous one as one batch and, when a caller waits for durability,
-    flushes the WAL.  Callers that commit during a pass share the next one
-    (group commit).  With ``eager_flush`` (local and in-memory object
+    starts a WAL flush.  A small batch is written while an earlier flush
+    still runs; a larger one (``PIPELINE_BYTES``) waits for it and keeps
+    growing, so concurrent callers share writes and flushes (group commit).
+    With ``eager_flush`` (local and in-memory object
     stores) the pass asks SlateDB for the WAL flush at once, so a lone caller
     waits for one WAL write instead of up to a flush interval; cloud stores
     wait for SlateDB's own flush every ``flush_interval_ms``, which bounds
@@ -271,6 +283,8 @@ class SlateDBStore(KVStore):
         self._write_out_delay = write_out_delay_ms / 1000
         self._durable_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._last_handle: sdb.WriteHandle | None = None
+        self._flushes: set[asyncio.Future[None]] = set()  # WAL flushes in flight
+        self._flushing = 0  # the last commit a flush was started for
         self._broken: TaqubaError | None = None  # a write-out failed
         # Counter values as the last commit left them (read on first use);
         # ``_loading`` holds the reads of them under way.
@@ -345,9 +359,12 @@ class SlateDBStore(KVStore):
 
     async def _shut_down(self) -> None:
         # The commits made before close() was called go to SlateDB first.
-        self._start_write_out()
-        while self._write_out is not None:
-            await asyncio.wait([self._write_out])
+        while True:
+            self._start_write_out()
+            running = [task for task in (self._write_out, *self._flushes) if task is not None]
+            if not running:
+                break
+            await asyncio.wait(running)
         try:
             await self._db.shutdown()
         except sdb.Error.Closed as exc:
@@ -488,45 +505,91 @@ class SlateDBStore(KVStore):
         await waiter  # the shutdown releases it when closing
 
     def _start_write_out(self) -> None:
+        """Start writing the unwritten commits now, or leave them to the end of the running flush.
+
+        They wait for the flush when they hold more than ``PIPELINE_BYTES``
+        (see :meth:`_write_out_all`).  With nothing to
+        write, start the flush the waiters need, if any.
+        """
         if self._write_out_timer is not None:
             self._write_out_timer.cancel()
             self._write_out_timer = None
-        if self._write_out is None and self._broken is None and (self._unwritten or self._durable_waiters):
-            self._write_out = asyncio.ensure_future(self._write_out_all())
+        if self._write_out is not None or self._broken is not None:
+            return
+        if self._unwritten:
+            if self._may_write_now():
+                self._write_out = asyncio.ensure_future(self._write_out_all())
+        elif self._durable_waiters and self._closing is None:
+            self._start_flush()
 
     async def _write_out_all(self) -> None:
-        """Write the overlay's commits to SlateDB in commit order, and flush them for the waiters.
+        """Write the overlay's commits to SlateDB in commit order, and start WAL flushes for the waiters.
 
-        Each pass writes every commit made since the last one as one batch,
-        then, when a caller waits for durability, flushes SlateDB's WAL (on
-        ``eager_flush`` stores; otherwise waits for SlateDB's own flush).
-        Commits made during a pass go in the next one: concurrent callers
-        share writes and flushes (group commit).
+        Each pass writes every commit made since the last one as one batch
+        and, when a caller waits for durability, starts a flush of SlateDB's
+        WAL (see :meth:`_start_flush`).  While a flush runs, commits
+        accumulate for the next pass once they hold more than
+        ``PIPELINE_BYTES`` (group commit); until then the next pass starts at
+        once and its flush follows the running one (up to ``MAX_FLUSHES``).
         """
         try:
-            while self._broken is None:
-                if self._unwritten:
-                    await self._write_unwritten()
-                if self._closing is not None or not self._durable_waiters:
-                    if self._unwritten:
-                        continue
-                    return
-                upto = self._applied
-                if self._durable < upto:
-                    await self._flush()
-                    self._durable = upto
-                self._end_durable_waits(None, upto)
-        except sdb.Error as exc:
-            self._break(self._translate(exc))
-        except TaqubaError as exc:
-            self._break(exc)
-        except BaseException as exc:  # cancelled, or a bug: never leave waiters hanging
-            self._break(StoreError(f"store {self.url}: writing commits to SlateDB failed: {exc!r}"))
-            raise
+            while self._broken is None and self._unwritten:
+                await self._write_unwritten()
+                if self._durable_waiters and self._closing is None:
+                    self._start_flush()
+                if not self._may_write_now():
+                    return  # the flush's end starts the next pass
+        except BaseException as exc:
+            self._fail_write_out(exc)
+            if not isinstance(exc, (sdb.Error, TaqubaError)):
+                raise
         finally:
             self._write_out = None
-            if self._broken is None and self._closing is None and (self._unwritten or self._durable_waiters):
+            if self._broken is None and self._closing is None and self._unwritten:
                 self._start_write_out()
+
+    def _may_write_now(self) -> bool:
+        """Whether the unwritten commits go to SlateDB now rather than after the running flush."""
+        return not self._flushes or self._unwritten_bytes <= PIPELINE_BYTES
+
+    def _start_flush(self) -> None:
+        """Start a WAL flush of every commit written so far, unless one covers them or too many run."""
+        if len(self._flushes) < MAX_FLUSHES and self._flushing < self._applied:
+            self._flushing = self._applied
+            flush = asyncio.ensure_future(self._flush_upto(self._applied, self._last_handle))
+            self._flushes.add(flush)
+
+    async def _flush_upto(self, upto: int, handle: sdb.WriteHandle | None) -> None:
+        """Make commits up to ``upto`` durable (``handle``: the write that ended with it) and release their waiters."""
+        try:
+            await self._flush(handle)
+        except BaseException as exc:
+            self._fail_write_out(exc)
+            if not isinstance(exc, (sdb.Error, TaqubaError)):
+                raise
+            return
+        finally:
+            self._flushes.discard(asyncio.current_task())
+        # SlateDB writes its WAL in order: this flush covers every earlier one.
+        self._durable = max(self._durable, upto)
+        self._end_durable_waits(None, self._durable)
+        if self._closing is None:
+            self._start_write_out()
+
+    async def _flush(self, handle: sdb.WriteHandle | None) -> None:
+        if self._eager_flush:
+            await self._db.flush_with_options(WAL_FLUSH)
+        elif handle is not None:
+            await handle.await_durable()
+
+    def _fail_write_out(self, exc: BaseException) -> None:
+        """A write or flush failed (or was cancelled): stop the store, failing every waiter."""
+        if isinstance(exc, sdb.Error):
+            self._break(self._translate(exc))
+        elif isinstance(exc, TaqubaError):
+            self._break(exc)
+        else:  # cancelled, or a bug: never leave waiters hanging
+            self._break(StoreError(f"store {self.url}: writing commits to SlateDB failed: {exc!r}"))
 
     async def _write_unwritten(self) -> None:
         commits, upto = self._unwritten, self._seq
@@ -537,12 +600,6 @@ class SlateDBStore(KVStore):
         self._last_handle = await self._db.write(self._batch(changes))
         self._applied = upto
         self._prune()
-
-    async def _flush(self) -> None:
-        if self._eager_flush:
-            await self._db.flush_with_options(WAL_FLUSH)
-        elif self._last_handle is not None:
-            await self._last_handle.await_durable()
 
     def _end_durable_waits(self, error: BaseException | None, upto: int | None = None) -> None:
         """Release the waiters for commits up to ``upto`` (``None``: all), or fail them with ``error``."""

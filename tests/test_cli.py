@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,10 @@ def test_enqueue_get_and_jobs(store: str) -> None:
 
     scheduled = cli_json(store, "jobs", "emails", "--status", "scheduled")
     assert [(j["id"], j["status"]) for j in scheduled["jobs"]] == [(later, "Scheduled")]
+    run_at = datetime.fromtimestamp(scheduled["jobs"][0]["run_at"] / 1000, timezone.utc)
+    assert 590 < (run_at - datetime.now(timezone.utc)).total_seconds() <= 600
+    table = cli(store, "jobs", "emails", "--status", "scheduled").stdout
+    assert "run_at" in table and run_at.strftime("%Y-%m-%dT%H:%M:%S") in table  # when it may run
     assert cli_json(store, "jobs", "emails", "--status", "dead") == {"jobs": [], "cursor": None}
 
 

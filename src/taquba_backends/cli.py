@@ -17,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -318,12 +319,28 @@ def _job_dict(job: JobRecord) -> dict[str, Any]:
 
 
 JOB_COLUMNS = ["id", "status", "priority", "attempts", "last_error", "payload"]
+STATUS_TIME = {
+    JobStatus.PENDING: "enqueued_at",
+    JobStatus.SCHEDULED: "run_at",
+    JobStatus.CLAIMED: "lease_expires_at",
+    JobStatus.DONE: "completed_at",
+    JobStatus.DEAD: "failed_at",
+}
+"""The time a table of jobs in one state shows: when each may run, its lease ends..."""
 
 
-def _job_row(row: dict[str, Any]) -> list[str]:
+def _job_row(row: dict[str, Any], columns: list[str]) -> list[str]:
     cells = dict(row, attempts=f"{row['attempts']}/{row['max_attempts']}")
     cells.setdefault("payload", "base64:" + row.get("payload_base64", ""))
-    return ["" if cells[c] is None else _printable(str(cells[c]))[:40] for c in JOB_COLUMNS]
+    for name in STATUS_TIME.values():
+        if cells.get(name) is not None:
+            cells[name] = _utc(cells[name])
+    return ["" if cells[c] is None else _printable(str(cells[c]))[:40] for c in columns]
+
+
+def _utc(ms: int) -> str:
+    """Milliseconds since the epoch as an ISO 8601 UTC time to the millisecond."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _printable(text: str) -> str:
@@ -332,14 +349,20 @@ def _printable(text: str) -> str:
 
 
 def _print_jobs(
-    title: str, jobs: list[JobRecord], as_json: bool, cursor: str | None = None, cursor_option: str = "--cursor"
+    title: str,
+    status: JobStatus,
+    jobs: list[JobRecord],
+    as_json: bool,
+    cursor: str | None = None,
+    cursor_option: str = "--cursor",
 ) -> None:
-    """A table of ``jobs``, or with ``--json`` ``{"jobs": [...], "cursor": next page or null}``."""
+    """A table of ``jobs`` in ``status``, or with ``--json`` ``{"jobs": [...], "cursor": next page or null}``."""
     rows = [_job_dict(job) for job in jobs]
     if as_json:
         click.echo(json.dumps({"jobs": rows, "cursor": cursor}, indent=2))
         return
-    _table(title, JOB_COLUMNS, [_job_row(r) for r in rows])
+    columns = [*JOB_COLUMNS[:2], STATUS_TIME[status], *JOB_COLUMNS[2:]]
+    _table(title, columns, [_job_row(r, columns) for r in rows])
     if cursor is not None:
         click.echo(f"more: {cursor_option} {cursor}", err=True)
 
@@ -365,7 +388,7 @@ def jobs(queue: str, status: str, limit: int, cursor: str | None, as_json: bool,
             return await q.list_jobs(queue, status.capitalize(), cursor, limit)
 
     page, next_cursor = run(go())
-    _print_jobs(f"{queue}: {status}", page, as_json, next_cursor)
+    _print_jobs(f"{queue}: {status}", JobStatus(status.capitalize()), page, as_json, next_cursor)
 
 
 @main.command()
@@ -384,7 +407,7 @@ def dead(queue: str, after: str | None, limit: int, as_json: bool, store: str) -
 
     page = run(go())
     next_after = page[-1].id if len(page) == limit else None
-    _print_jobs(f"{queue}: dead", page, as_json, next_after, "--after")
+    _print_jobs(f"{queue}: dead", JobStatus.DEAD, page, as_json, next_after, "--after")
 
 
 def _one_job_command(

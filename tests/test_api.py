@@ -803,6 +803,15 @@ async def test_a_store_belongs_to_one_open_queue(store_factory) -> None:  # type
 
 
 
+async def test_async_with_closes_the_queue_and_refuses_a_closed_one() -> None:
+    async with await Queue.open(MemoryStore(), background=False) as queue:
+        await queue.enqueue("q", b"x")
+    assert queue.closed
+    with pytest.raises(StoreClosed, match="closed"):
+        async with queue:
+            pass
+
+
 async def test_a_store_is_released_by_a_cancelled_close_and_by_a_dropped_queue() -> None:
     store = MemoryStore()
     queue = await Queue.open(store)  # with its background tasks

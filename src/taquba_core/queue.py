@@ -302,6 +302,13 @@ class Queue:
         return queue
 
     async def __aenter__(self) -> Queue:
+        """Use the queue in ``async with``; it is closed on exit.
+
+        Raises:
+            StoreClosed: the queue was closed already.
+        """
+        if self._closed:
+            raise StoreClosed("the queue is closed")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -508,8 +508,8 @@ class SlateDBStore(KVStore):
         """Start writing the unwritten commits now, or leave them to the end of the running flush.
 
         They wait for the flush when they hold more than ``PIPELINE_BYTES``
-        (see :meth:`_write_out_all`).  With nothing to
-        write, start the flush the waiters need, if any.
+        (see :meth:`_write_out_all`).  With nothing to write, start the flush
+        the waiters need, if any.
         """
         if self._write_out_timer is not None:
             self._write_out_timer.cancel()
@@ -570,7 +570,9 @@ class SlateDBStore(KVStore):
             return
         finally:
             self._flushes.discard(asyncio.current_task())
-        # SlateDB writes its WAL in order: this flush covers every earlier one.
+        # SlateDB takes writes and flush requests from one queue and writes
+        # its WAL files in id order (batch_write.rs, SlateDbWalWriter), so
+        # this flush covers every write made before it was asked for.
         self._durable = max(self._durable, upto)
         self._end_durable_waits(None, self._durable)
         if self._closing is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import boto3
 from moto.server import ThreadedMotoServer
@@ -15,12 +15,24 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
-@dataclass(frozen=True)
+@dataclass
 class S3Server:
     """A running moto S3 server: its ``http://127.0.0.1:port`` endpoint and one bucket."""
 
     endpoint: str
     bucket: str
+    server: ThreadedMotoServer | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Stop answering (an outage); the objects stay in this process's moto backend."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart(self) -> None:
+        """Answer again on the same endpoint, with the objects stored before :meth:`stop`."""
+        if self.server is None:
+            self.server = _start(int(self.endpoint.rsplit(":", 1)[1]))
 
     def env(self) -> dict[str, str]:
         """The environment variables SlateDB (object_store) needs to reach this server."""
@@ -52,12 +64,18 @@ class S3Server:
 def moto_s3(bucket: str = "taquba-test") -> Iterator[S3Server]:
     """Run a moto S3 server on 127.0.0.1 (a free port) with ``bucket`` created; stop it after."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server = _start(0)
+    host, port = server.get_host_and_port()
+    s3 = S3Server(endpoint=f"http://{host}:{port}", bucket=bucket, server=server)
     try:
-        host, port = server.get_host_and_port()
-        s3 = S3Server(endpoint=f"http://{host}:{port}", bucket=bucket)
         s3.client().create_bucket(Bucket=bucket)
         yield s3
     finally:
-        server.stop()
+        s3.stop()
+
+
+def _start(port: int) -> ThreadedMotoServer:
+    """A moto server on 127.0.0.1 at ``port`` (0: a free one), started."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from queue_helpers import close_with_a_cancelled_first_try
+from s3server import moto_s3
 
 from taquba_backends import MemoryStore, SlateDBStore, open_store, slatedb_store
 from taquba_backends._readcache import ENTRY_OVERHEAD, MISS, ReadCache
@@ -744,6 +745,33 @@ async def test_second_writer_fences_the_first(tmp_path: Path) -> None:
     await write(second, k=b"second")
     assert await read(second, b"k") == b"second"
     await second.close()
+
+
+async def test_an_object_store_outage_delays_durable_commits_and_loses_none(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # s3_url sets the AWS variables; this test runs a server of its own, which it stops.
+    with moto_s3("taquba-outage") as s3:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+        url = f"s3://{s3.bucket}/outage"
+        kv = await open_store(url)
+        await write(kv, a=b"1")
+        s3.stop()
+        try:
+            txn = await kv.begin()
+            await txn.put(b"b", b"2")
+            commit = asyncio.ensure_future(txn.commit())
+            await asyncio.sleep(2)
+            assert not commit.done()  # SlateDB retries: the commit is not reported durable meanwhile
+            assert await read(kv, b"b") == b"2"  # reads are answered in process
+        finally:
+            s3.restart()
+        await asyncio.wait_for(commit, timeout=60)
+        await write(kv, c=b"3")
+        await kv.close()
+        reopened = await open_store(url)
+        assert [await read(reopened, k) for k in (b"a", b"b", b"c")] == [b"1", b"2", b"3"]
+        await reopened.close()
 
 
 async def test_s3_round_trip(s3_url: str) -> None:

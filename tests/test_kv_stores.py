@@ -748,7 +748,7 @@ async def test_second_writer_fences_the_first(tmp_path: Path) -> None:
 
 
 async def test_an_object_store_outage_delays_durable_commits_and_loses_none(
-    s3_url: str, monkeypatch: pytest.MonkeyPatch
+    s3_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # s3_url sets the AWS variables; this test runs a server of its own, which it stops.
     with moto_s3("taquba-outage") as s3:
@@ -756,6 +756,7 @@ async def test_an_object_store_outage_delays_durable_commits_and_loses_none(
         url = f"s3://{s3.bucket}/outage"
         kv = await open_store(url)
         await write(kv, a=b"1")
+        monkeypatch.setattr(slatedb_store, "SLOW_FLUSH_WARNING_S", 1.0)
         s3.stop()
         try:
             txn = await kv.begin()
@@ -764,9 +765,11 @@ async def test_an_object_store_outage_delays_durable_commits_and_loses_none(
             await asyncio.sleep(2)
             assert not commit.done()  # SlateDB retries: the commit is not reported durable meanwhile
             assert await read(kv, b"b") == b"2"  # reads are answered in process
+            assert "has waited 1 s for the object store" in caplog.text
         finally:
             s3.restart()
         await asyncio.wait_for(commit, timeout=60)
+        assert "went through after" in caplog.text
         await write(kv, c=b"3")
         await kv.close()
         reopened = await open_store(url)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import struct
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,8 @@ from ._writebuffer import WriteBuffer, counter_plus
 
 T = TypeVar("T")
 
+log = logging.getLogger("taquba.slatedb")
+
 LOCAL_FLUSH_INTERVAL_MS = 5
 CLOUD_FLUSH_INTERVAL_MS = 50
 MAX_FLUSH_INTERVAL_MS = 60_000
@@ -78,6 +81,8 @@ WRITE_OUT_BYTES = 4 * 1024 * 1024
 READ_CACHE_BYTES = 8 * 1024 * 1024
 """Budget of the values last pruned from the overlay that reads are answered from (see ``_readcache.py``)."""
 WAL_FLUSH = sdb.FlushOptions(flush_type=sdb.FlushType.WAL)
+SLOW_FLUSH_WARNING_S = 10.0
+"""Seconds after which a WAL flush still under way is logged as a warning."""
 MAX_FLUSHES = 2
 """WAL flushes a store has in flight at once (see ``_write_out_all``)."""
 PIPELINE_BYTES = 64 * 1024
@@ -560,7 +565,14 @@ class SlateDBStore(KVStore):
             self._flushes.add(flush)
 
     async def _flush_upto(self, upto: int, handle: sdb.WriteHandle | None) -> None:
-        """Make commits up to ``upto`` durable (``handle``: the write that ended with it) and release their waiters."""
+        """Make commits up to ``upto`` durable (``handle``: the write that ended with it) and release their waiters.
+
+        A flush still waiting after ``SLOW_FLUSH_WARNING_S`` is logged (SlateDB
+        retries an unreachable object store without end), and so is its end.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        warning = loop.call_later(SLOW_FLUSH_WARNING_S, self._warn_slow_flush, started)
         try:
             await self._flush(handle)
         except BaseException as exc:
@@ -569,7 +581,11 @@ class SlateDBStore(KVStore):
                 raise
             return
         finally:
+            warning.cancel()
             self._flushes.discard(asyncio.current_task())
+        waited = loop.time() - started
+        if waited >= SLOW_FLUSH_WARNING_S:
+            log.warning("store %s: the WAL flush went through after %.1f s; durable commits resume", self.url, waited)
         # SlateDB takes writes and flush requests from one queue and writes
         # its WAL files in id order (batch_write.rs, SlateDbWalWriter), so
         # this flush covers every write made before it was asked for.
@@ -577,6 +593,14 @@ class SlateDBStore(KVStore):
         self._end_durable_waits(None, self._durable)
         if self._closing is None:
             self._start_write_out()
+
+    def _warn_slow_flush(self, started: float) -> None:
+        waited = asyncio.get_running_loop().time() - started
+        log.warning(
+            "store %s: a WAL flush has waited %.0f s for the object store (unreachable?); "
+            "durable commits wait until it goes through",
+            self.url, waited,
+        )  # fmt: skip
 
     async def _flush(self, handle: sdb.WriteHandle | None) -> None:
         if self._eager_flush:

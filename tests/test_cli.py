@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +73,8 @@ def test_enqueue_get_and_jobs(store: str) -> None:
     assert job["headers"] == {"tenant": "acme"}
     table = cli(store, "get", first).stdout
     assert first in table and "tenant" in table and "hello" in table
+    enqueued = datetime.fromtimestamp(job["enqueued_at"] / 1000, timezone.utc)
+    assert enqueued.strftime("%Y-%m-%dT%H:%M:%S") in table  # a time, not milliseconds
 
     page = cli_json(store, "jobs", "emails")
     assert [j["id"] for j in page["jobs"]] == [second, first] and page["cursor"] is None
@@ -86,7 +92,7 @@ def test_enqueue_get_and_jobs(store: str) -> None:
     assert [(j["id"], j["status"]) for j in scheduled["jobs"]] == [(later, "Scheduled")]
     run_at = datetime.fromtimestamp(scheduled["jobs"][0]["run_at"] / 1000, timezone.utc)
     assert 590 < (run_at - datetime.now(timezone.utc)).total_seconds() <= 600
-    table = cli(store, "jobs", "emails", "--status", "scheduled").stdout
+    table = cli(store, "jobs", "emails", "--status", "SCHEDULED").stdout  # any case
     assert "run_at" in table and run_at.strftime("%Y-%m-%dT%H:%M:%S") in table  # when it may run
     assert cli_json(store, "jobs", "emails", "--status", "dead") == {"jobs": [], "cursor": None}
 
@@ -214,6 +220,7 @@ async def test_writing_commands_with_bad_input_do_not_fence_a_running_writer(tmp
             ["cancel", "NOSUCHID"],
             ["worker", "live", "json:dumps", "--concurrency", "0"],
             ["worker", "a:b", "json:dumps"],
+            ["worker", "live", "builtins:repr", "--keep-done", "-1"],
         ]
         for args in mistakes:
             result = await asyncio.to_thread(CliRunner().invoke, main, [*args, "--store", url])
@@ -223,6 +230,24 @@ async def test_writing_commands_with_bad_input_do_not_fence_a_running_writer(tmp
         assert (await writer.stats("live")).pending == 2
     finally:
         await writer.close()
+
+
+def test_the_worker_command_acks_keeps_done_jobs_when_asked_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    job_id = cli(url, "enqueue", "work", "payload").stdout.strip()
+    command = [sys.executable, "-m", "taquba_backends.cli", "worker", "work", "builtins:repr", "--keep-done", "60"]
+    proc = subprocess.Popen([*command, "--store", url], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while cli_json(url, "get", job_id)["status"] != "Done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cli_json(url, "get", job_id)["status"] == "Done"  # kept, with --keep-done
+        assert [j["id"] for j in cli_json(url, "jobs", "work", "--status", "done")["jobs"]] == [job_id]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "stopped: 1 acked" in stderr
 
 
 @pytest.mark.parametrize("url", ["fil:///tmp/x", "file:/tmp/x"])

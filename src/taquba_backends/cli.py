@@ -33,6 +33,7 @@ from taquba_core import (
     JobRecord,
     JobStatus,
     Queue,
+    QueueConfig,
     TaqubaError,
     run_worker_concurrent,
 )
@@ -175,8 +176,15 @@ def load_handler(spec: str) -> Handler:
 @click.argument("queue")
 @click.argument("handler")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True, help="Jobs handled at once.")
+@click.option(
+    "--keep-done",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Keep the records of acked jobs this long (for get, jobs --status done); default: delete at ack.",
+)
 @store_option
-def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
+def worker(queue: str, handler: str, concurrency: int, keep_done: float | None, store: str) -> None:
     """Run HANDLER (module:function, async or sync, taking the job record) on QUEUE until Ctrl-C.
 
     On Ctrl-C or SIGTERM no new job is claimed; jobs in flight finish and
@@ -187,10 +195,14 @@ def worker(queue: str, handler: str, concurrency: int, store: str) -> None:
         validate_queue_name(queue)
     except TaqubaError as exc:
         raise click.BadParameter(str(exc), param_hint="QUEUE") from exc
+    try:
+        config = QueueConfig(keep_done_jobs=keep_done)
+    except TaqubaError as exc:
+        raise click.BadParameter(str(exc), param_hint="--keep-done") from exc
 
     async def go() -> None:
         shutdown = stop_on_signals("finishing the jobs in flight")
-        async with opened(store) as q:
+        async with opened(store, config=config) as q:
             if queue not in await q.list_queues():
                 click.echo(f"queue {queue!r} has no jobs yet; waiting for some", err=True)
             click.echo(f"worker on {queue!r} ({concurrency} at once); Ctrl-C to stop", err=True)
@@ -327,12 +339,14 @@ STATUS_TIME = {
     JobStatus.DEAD: "failed_at",
 }
 """The time a table of jobs in one state shows: when each may run, its lease ends..."""
+TIME_FIELDS = frozenset({*STATUS_TIME.values(), "claimed_at"})
+"""Record fields that tables show as UTC times (JSON keeps milliseconds)."""
 
 
 def _job_row(row: dict[str, Any], columns: list[str]) -> list[str]:
     cells = dict(row, attempts=f"{row['attempts']}/{row['max_attempts']}")
     cells.setdefault("payload", "base64:" + row.get("payload_base64", ""))
-    for name in STATUS_TIME.values():
+    for name in TIME_FIELDS:
         if cells.get(name) is not None:
             cells[name] = _utc(cells[name])
     return ["" if cells[c] is None else _printable(str(cells[c]))[:40] for c in columns]
@@ -371,7 +385,7 @@ def _print_jobs(
 @click.argument("queue")
 @click.option(
     "--status",
-    type=click.Choice([s.value.lower() for s in JobStatus]),
+    type=click.Choice([s.value.lower() for s in JobStatus], case_sensitive=False),
     default="pending",
     show_default=True,
 )
@@ -438,7 +452,8 @@ def get(job_id: str, as_json: bool, store: str) -> None:
     if as_json:
         click.echo(json.dumps(fields, indent=2))
         return
-    _table(f"job {job_id}", ["field", "value"], [[k, "" if v is None else v] for k, v in fields.items()])
+    shown = {k: _utc(v) if k in TIME_FIELDS and v is not None else v for k, v in fields.items()}
+    _table(f"job {job_id}", ["field", "value"], [[k, "" if v is None else v] for k, v in shown.items()])
 
 
 def _require_job(job_id: str, store: str, statuses: set[JobStatus], what: str) -> None:

@@ -40,6 +40,7 @@ from taquba_core import (
 from taquba_core.keys import validate_queue_name
 from taquba_core.worker import Handler
 
+from . import eventloop
 from .demo import default_root, run_demo
 from .url import EPHEMERAL_SCHEMES, names_persistent_store, open_store, url_scheme
 
@@ -94,9 +95,9 @@ async def dry_run(action: Callable[[Queue], Awaitable[object]]) -> None:
 
 
 def run(coro: Awaitable[T]) -> T:
-    """Run ``coro``; a :class:`TaqubaError` becomes one clear line and exit status 1."""
+    """Run ``coro`` (on uvloop when installed); a :class:`TaqubaError` becomes one clear line and exit status 1."""
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return eventloop.run(coro)  # type: ignore[arg-type]
     except TaqubaError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 

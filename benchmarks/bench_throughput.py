@@ -354,17 +354,34 @@ def _store_url(store: str, tmp: Path) -> str:
     return "memory://" if store == "memory" else Path(tmp, "store").as_uri()
 
 
-def handle(kind: str, conc: int, payload: int, n: int, store: str = "file", conninfo: str = "") -> dict[str, Any]:
+def handle(
+    kind: str, conc: int, payload: int, n: int, store: str = "file", conninfo: str = "", loop: str = "run"
+) -> dict[str, Any]:
+    """One measurement.  ``loop``: ``run`` runs the asyncio programs (taquba, the ceiling,
+    procrastinate) through ``taquba_backends.run`` (uvloop when installed, as the README's
+    Quick start and the command line do), ``asyncio`` on asyncio's own loop."""
+    from taquba_backends import run
+
+    runner: Any = asyncio.run if loop == "asyncio" else run
     with temp_dir("bench-tp-") as tmp:
         if kind == "taquba":
-            return asyncio.run(taquba_e2e(_store_url(store, tmp), conc, payload, n))
-        if kind == "ceiling":
-            return asyncio.run(ceiling(_store_url(store, tmp), conc, payload, n))
-        if kind == "huey":
+            result = runner(taquba_e2e(_store_url(store, tmp), conc, payload, n))
+        elif kind == "ceiling":
+            result = runner(ceiling(_store_url(store, tmp), conc, payload, n))
+        elif kind == "procrastinate":
+            result = runner(procrastinate_e2e(conninfo, conc, payload, n))
+        elif kind == "huey":
             return huey_e2e(conc, payload, n)
-        if kind == "procrastinate":
-            return asyncio.run(procrastinate_e2e(conninfo, conc, payload, n))
-    raise ValueError(f"unknown kind {kind!r}")
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+    return dict(result, event_loop=_loop_name(runner))
+
+
+def _loop_name(runner: Any) -> str:
+    async def name() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    return str(runner(name()))
 
 
 if __name__ == "__main__":

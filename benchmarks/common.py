@@ -198,7 +198,7 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-PACKAGES = ("taquba", "slatedb", "msgpack", "python-ulid", "huey", "procrastinate", "psycopg", "psycopg-binary")
+PACKAGES = ("taquba", "slatedb", "msgpack", "python-ulid", "uvloop", "huey", "procrastinate", "psycopg", "psycopg-binary")
 
 
 def environment() -> dict[str, Any]:

@@ -85,7 +85,7 @@ def size_label(payload: int) -> str:
 
 
 def throughput(cfg: dict[str, Any], with_peers: bool) -> tuple[list[Table], list[Target], dict[str, Any]]:
-    raw: dict[str, Any] = {"taquba": {}, "ceiling": {}, "stock": {}, "huey": {}, "procrastinate": {}}
+    raw: dict[str, Any] = {"taquba": {}, "ceiling": {}, "stock": {}, "huey": {}, "procrastinate": {}, "asyncio": {}}
 
     def child(kind: str, store: str, payload: int, conc: int, n: int, **extra: Any) -> dict[str, Any]:
         env = {"TAQUBA_SLATEDB_FAST_FFI": "0"} if extra.pop("stock", False) else None
@@ -123,7 +123,9 @@ def throughput(cfg: dict[str, Any], with_peers: bool) -> tuple[list[Table], list
                 n = cfg["jobs"][conc]
                 key = f"file/{payload}/{conc}"
                 raw["huey"][key] = child("huey", "file", payload, conc, n)
-                log(f"huey {size_label(payload)} x{conc}: {raw['huey'][key]['jobs_per_s']:.0f} jobs/s")
+                raw["asyncio"][key] = child("taquba", "file", payload, conc, n, loop="asyncio")
+                log(f"huey {size_label(payload)} x{conc}: {raw['huey'][key]['jobs_per_s']:.0f} jobs/s; taquba on "
+                    f"asyncio's loop {raw['asyncio'][key]['jobs_per_s']:.0f} jobs/s")
         with postgres.server(log) as (conninfo, peer_version):
             for i, payload in enumerate(cfg["payloads"]):
                 for conc in cfg["concurrency"]:
@@ -192,7 +194,8 @@ def _throughput_tables(cfg: dict[str, Any], raw: dict[str, Any], with_peers: boo
             "Peers, same job count, payload and concurrency, all durable: taquba file:// vs huey (SQLite, fsync) "
             "and procrastinate (PostgreSQL); latencies in ms",
             ["payload", "conc", "taquba jobs/s", "huey jobs/s", "taquba/huey", "procrastinate jobs/s",
-             "taquba/procr.", "huey enq p50/p99", "huey e2e p50/p99", "procr. enq p50/p99", "procr. e2e p50/p99"],
+             "taquba/procr.", "taquba on asyncio's loop", "÷ huey", "huey enq p50/p99", "huey e2e p50/p99",
+             "procr. enq p50/p99", "procr. e2e p50/p99"],
         )
         ratios: dict[str, list[tuple[float, str]]] = {"huey": [], "procrastinate": []}
         for key, h in raw["huey"].items():
@@ -202,8 +205,9 @@ def _throughput_tables(cfg: dict[str, Any], raw: dict[str, Any], with_peers: boo
             label = f"{size_label(int(payload))} x{conc}"
             ratios["huey"].append((jobs / h["jobs_per_s"], label))
             ratios["procrastinate"].append((jobs / pr["jobs_per_s"], label))
+            plain = raw["asyncio"][key]["jobs_per_s"]
             p.add(size_label(int(payload)), int(conc), jobs, h["jobs_per_s"], jobs / h["jobs_per_s"],
-                  pr["jobs_per_s"], jobs / pr["jobs_per_s"],
+                  pr["jobs_per_s"], jobs / pr["jobs_per_s"], plain, plain / h["jobs_per_s"],
                   f"{h['enqueue_p50_ms']:.2f}/{h['enqueue_p99_ms']:.2f}", f"{h['e2e_p50_ms']:.0f}/{h['e2e_p99_ms']:.0f}",
                   f"{pr['enqueue_p50_ms']:.2f}/{pr['enqueue_p99_ms']:.2f}", f"{pr['e2e_p50_ms']:.0f}/{pr['e2e_p99_ms']:.0f}")
         p.notes.append("huey: SqliteHuey(fsync=True) (synchronous=FULL, WAL), results stored, thread consumer with "
@@ -212,6 +216,11 @@ def _throughput_tables(cfg: dict[str, Any], raw: dict[str, Any], with_peers: boo
                        "synchronous_commit=on), worker concurrency conc, LISTEN/NOTIFY; done = finish_job returned")
         p.notes.append("the peers expose no separate claim/ack latency; taquba's file:// WAL writes are not fsynced "
                        "by SlateDB's local object store, huey's and PostgreSQL's commits are")
+        loops = sorted({r.get("event_loop", "?") for r in raw["taquba"].values()})
+        p.notes.append("taquba, its ceiling and procrastinate run through taquba_backends.run, on uvloop when installed "
+                       f"(here: {', '.join(loops)}), "
+                       "as the README's Quick start and the command line do; 'taquba on asyncio's loop' is the same "
+                       "run under asyncio.run, for comparison")
         tables.append(p)
         for peer, values in ratios.items():
             worst, where = min(values)

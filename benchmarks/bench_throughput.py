@@ -361,6 +361,7 @@ def handle(
     procrastinate) through ``taquba_backends.run`` (uvloop when installed, as the README's
     Quick start and the command line do), ``asyncio`` on asyncio's own loop."""
     from taquba_backends import run
+    from taquba_backends.eventloop import uses_uvloop
 
     runner: Any = asyncio.run if loop == "asyncio" else run
     with temp_dir("bench-tp-") as tmp:
@@ -374,14 +375,7 @@ def handle(
             return huey_e2e(conc, payload, n)
         else:
             raise ValueError(f"unknown kind {kind!r}")
-    return dict(result, event_loop=_loop_name(runner))
-
-
-def _loop_name(runner: Any) -> str:
-    async def name() -> str:
-        return type(asyncio.get_running_loop()).__module__.split(".")[0]
-
-    return str(runner(name()))
+    return dict(result, event_loop="uvloop" if runner is run and uses_uvloop() else "asyncio")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ concurrency 1 and ~9% at 16, and was within noise at 256.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -20,21 +21,17 @@ T = TypeVar("T")
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a new event loop and return its result.
 
-    The loop is uvloop's when uvloop is importable, else asyncio's; the
-    ``taquba`` command line runs this way.  Exceptions of ``main``
-    propagate unchanged.
+    The loop is uvloop's when uvloop is importable (see :func:`uses_uvloop`),
+    else asyncio's; the ``taquba`` command line runs this way.  Exceptions
+    of ``main`` propagate unchanged.
     """
-    try:
+    if uses_uvloop():
         import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def uses_uvloop() -> bool:
-    """Whether :func:`run` would use uvloop in this environment."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether :func:`run` uses uvloop in this environment (it is importable)."""
+    return importlib.util.find_spec("uvloop") is not None

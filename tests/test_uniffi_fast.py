@@ -107,3 +107,46 @@ def test_the_stock_binding_still_works() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "installed False" in out.stdout
+
+
+async def test_slatedb_threads_keep_their_python_thread_state(tmp_path: Path) -> None:
+    """Continuations from SlateDB's threads pin each thread once, not once per callback."""
+    if not _uniffi_fast.installed():
+        pytest.skip("fast path disabled in this environment")
+    s = await open_store(f"file://{tmp_path}")
+    try:
+        for i in range(300):
+            txn = await s.begin()
+            await txn.put(b"k%d" % i, b"v")
+            await txn.commit()  # durable: a WAL flush per commit
+    finally:
+        await s.close()
+    # SlateDB's few tokio workers, not every short-lived thread that called back once or twice
+    assert 1 <= _uniffi_fast.kept_thread_states() <= 4
+
+
+def _call_back_from_threads(threads: int, calls: int) -> int:
+    """``threads`` live threads (distinct ids) each call ``_keep_thread_state`` ``calls`` times: threads kept after."""
+    import threading
+
+    all_done = threading.Barrier(threads)
+
+    def call_back() -> None:
+        for _ in range(calls):
+            _uniffi_fast._keep_thread_state()
+        all_done.wait()
+
+    started = [threading.Thread(target=call_back) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    return _uniffi_fast.kept_thread_states()
+
+
+def test_a_thread_is_kept_at_its_pin_after_th_call_and_at_most_max_kept_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_uniffi_fast, "_kept", 0)
+    monkeypatch.setattr(_uniffi_fast, "_calls", {})
+    assert _call_back_from_threads(8, _uniffi_fast.PIN_AFTER - 1) == 0
+    monkeypatch.setattr(_uniffi_fast, "_calls", {})
+    assert _call_back_from_threads(_uniffi_fast.MAX_KEPT + 6, _uniffi_fast.PIN_AFTER) == _uniffi_fast.MAX_KEPT

@@ -85,6 +85,26 @@ async def test_a_cancelled_wait_leaves_the_store_usable(store: SlateDBStore) -> 
     await txn.rollback()
 
 
+async def test_write_batch_operations_keep_their_results_and_errors(store: SlateDBStore) -> None:
+    import slatedb.uniffi as sdb
+
+    batch = sdb.WriteBatch()
+    batch.put(b"k1", b"v1")
+    batch.put(b"k2", bytes(range(256)) * 64)
+    batch.delete(b"k1")
+    batch.put(bytearray(b"k3"), memoryview(b"v3"))  # not bytes: the generated method
+    await store._db.write(batch)
+    assert [await store._db.get(k) for k in (b"k1", b"k2", b"k3")] == [None, bytes(range(256)) * 64, b"v3"]
+    with pytest.raises(sdb.Error.Invalid, match="consumed"):
+        batch.put(b"a", b"b")
+    with pytest.raises(sdb.Error.Invalid, match="consumed"):
+        batch.delete(b"a")
+    with pytest.raises(sdb.Error.Invalid, match="empty"):
+        sdb.WriteBatch().put(b"", b"x")
+    with pytest.raises(TypeError, match="bytes-like"):
+        sdb.WriteBatch().put("text", b"x")  # type: ignore[arg-type]
+
+
 def test_the_stock_binding_still_works() -> None:
     """With TAQUBA_SLATEDB_FAST_FFI=0 nothing is patched and the queue works the same."""
     code = (

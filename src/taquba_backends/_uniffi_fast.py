@@ -32,6 +32,11 @@ equivalents that produce the same bytes and the same results:
   instead of building and freeing one per callback (:func:`_keep_thread_state`;
   at concurrency 1 on file:// this took ~120 µs of CPU off each job and
   raised jobs/s by ~14%);
+* ``WriteBatch.put`` and ``delete`` with ``bytes`` arguments call the C
+  functions directly, without the generated per-call wrapper, and with the
+  buffer allocation they keep the GIL: they never wait for another thread,
+  and releasing the GIL four times per key let SlateDB's threads in between
+  (~6.7 → ~4.5 µs per key);
 * the status block is a zero-initialised ctypes structure (what the
   ``default()`` constructors build), checked only when its code is not 0;
 * an optional ``bytes`` result and a list of key/value rows are parsed from
@@ -178,7 +183,8 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
 
     from_bytes_address = ctypes.cast(from_bytes, c_void_p).value
     assert from_bytes_address is not None  # a loaded library function has an address
-    from_bytes_raw = ctypes.CFUNCTYPE(rust_buffer, ForeignBytes, ctypes.POINTER(call_status))(from_bytes_address)
+    # Allocating a buffer never waits for another thread: keep the GIL (PYFUNCTYPE).
+    from_bytes_raw = ctypes.PYFUNCTYPE(rust_buffer, ForeignBytes, ctypes.POINTER(call_status))(from_bytes_address)
 
     rustbuffer_base = gen._UniffiConverterRustBuffer
     stock_lower = rustbuffer_base.lower
@@ -236,6 +242,48 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
         if status.code:
             check_status(error_converter, status)
         return result
+
+    # -- write batches ------------------------------------------------------
+
+    def keeping_the_gil(fn: Any) -> Any:
+        """The same C function, called without releasing the GIL: for calls that never wait for another thread."""
+        address = cast(fn, c_void_p).value
+        assert address is not None
+        return ctypes.PYFUNCTYPE(fn.restype, *fn.argtypes)(address)
+
+    write_batch = gen.WriteBatch
+    stock_put, stock_delete = write_batch.put, write_batch.delete
+    # A batch's operations take its own lock, which only its caller uses.
+    clone_batch = keeping_the_gil(lib.uniffi_slatedb_uniffi_fn_clone_writebatch)
+    batch_put = keeping_the_gil(lib.uniffi_slatedb_uniffi_fn_method_writebatch_put)
+    batch_delete = keeping_the_gil(lib.uniffi_slatedb_uniffi_fn_method_writebatch_delete)
+    error_type = gen._UniffiFfiConverterTypeError
+
+    def checked(status: Any) -> None:
+        if status.code:
+            check_status(error_type, status)
+
+    def put(self: Any, key: bytes, value: bytes) -> None:
+        """``WriteBatch.put``: same checks and errors, no per-call wrapper (bytes arguments)."""
+        if type(key) is not bytes or type(value) is not bytes:
+            return stock_put(self, key, value)
+        status = call_status()
+        handle = clone_batch(self._handle, byref(status))
+        checked(status)
+        batch_put(handle, lower_bytes(key), lower_bytes(value), byref(status))
+        checked(status)
+        return None
+
+    def delete(self: Any, key: bytes) -> None:
+        """``WriteBatch.delete``: same checks and errors, no per-call wrapper (a bytes key)."""
+        if type(key) is not bytes:
+            return stock_delete(self, key)
+        status = call_status()
+        handle = clone_batch(self._handle, byref(status))
+        checked(status)
+        batch_delete(handle, lower_bytes(key), byref(status))
+        checked(status)
+        return None
 
     # -- result lifting -----------------------------------------------------
 
@@ -389,6 +437,8 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
         (bytes_converter, "lower", staticmethod(lower_bytes)),
         (rustbuffer_base, "lower", classmethod(lower_rustbuffer)),
         (builder, "write", builder_write),
+        (write_batch, "put", put),
+        (write_batch, "delete", delete),
         (gen, "_uniffi_rust_call_async", rust_call_async),
         (gen, "_uniffi_rust_call_with_error", rust_call_with_error),
         (optional_bytes, "lift", staticmethod(lift_optional_bytes)),

@@ -73,7 +73,7 @@ _lock = threading.Lock()
 PIN_AFTER = 16
 MAX_KEPT = 64
 _pins = threading.local()
-_calls: dict[int, int] = {}  # thread id -> callbacks so far, for threads not pinned yet
+_calls: dict[int, int] = {}  # native thread id -> callbacks so far, for threads not pinned yet
 _kept = 0
 
 
@@ -120,7 +120,7 @@ def _keep_thread_state() -> None:
     global _kept
     if getattr(_pins, "kept", False) or _kept >= MAX_KEPT:
         return
-    ident = threading.get_ident()
+    ident = threading.get_native_id()  # unlike get_ident(), rarely reused by the next thread
     calls = _calls.pop(ident, 0) + 1
     if calls < PIN_AFTER:
         if len(_calls) >= 1024:  # ids of threads long gone

@@ -702,6 +702,36 @@ async def test_a_large_batch_waits_for_the_running_flush(tmp_path: Path, monkeyp
         await kv.close()
 
 
+@pytest.mark.parametrize("turns", [slatedb_store.GATHER_TURNS, 0])
+async def test_a_write_out_gathers_the_commits_of_tasks_already_woken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turns: int
+) -> None:
+    """What a task woken with the committer commits a loop turn later shares the write (with GATHER_TURNS)."""
+    monkeypatch.setattr(slatedb_store, "GATHER_TURNS", turns)
+    kv = await SlateDBStore.open((tmp_path / "db").as_uri())
+    batches: list[int] = []
+    write_unwritten = kv._write_unwritten
+
+    async def counted() -> None:
+        batches.append(len(kv._unwritten))
+        await write_unwritten()
+
+    monkeypatch.setattr(kv, "_write_unwritten", counted)
+
+    async def woken_with_it() -> None:
+        await asyncio.sleep(0)
+        await write(kv, b=b"2")
+
+    try:
+        await write(kv, z=b"0")  # a first write-out; the test looks at the next
+        follower = asyncio.ensure_future(woken_with_it())
+        await write(kv, a=b"1")
+        await asyncio.wait_for(follower, timeout=10)
+        assert batches[1:] == ([2] if turns else [1, 1])
+    finally:
+        await kv.close()
+
+
 async def test_a_cancelled_close_still_closes_and_releases_every_waiter(tmp_path: Path) -> None:
     url = (tmp_path / "db").as_uri()
     kv = await SlateDBStore.open(url)

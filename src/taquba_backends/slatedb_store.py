@@ -93,6 +93,14 @@ lone caller's wait; a larger one waits for the flush and keeps growing:
 fewer, larger writes leave the event loop more time for the callers' own
 work (measured with benchmarks/bench_throughput.py on file://; see
 ``_write_out_all``)."""
+GATHER_TURNS = 3
+"""Event-loop turns a write-out waits before its first pass, gathering the commits of tasks already woken.
+
+At concurrency 1 a flush wakes the producer and the worker together; with
+the wait, the next enqueue, the claim and the ack share one write and one
+flush instead of 1.5 of each per job (loop CPU per job -6 to -20%, jobs/s
+-1 to +15% at concurrency 1 and +6 to +8% at 16 and 256 in alternating
+runs on file://)."""
 L0_SST_SIZE_BYTES = 32 * 1024 * 1024
 """Memtable size at which SlateDB writes an L0 SST (its default is 64 MiB).
 
@@ -536,8 +544,15 @@ class SlateDBStore(KVStore):
         accumulate for the next pass once they hold more than
         ``PIPELINE_BYTES`` (group commit); until then the next pass starts at
         once and its flush follows the running one (up to ``MAX_FLUSHES``).
+
+        The task lets the event loop turn ``GATHER_TURNS`` times before its
+        first pass: the tasks that the last flush woke (a worker's claim and
+        ack, say) then commit into the same pass as the commit that started
+        it, rather than into a write and a flush of their own.
         """
         try:
+            for _ in range(GATHER_TURNS):
+                await asyncio.sleep(0)
             while self._broken is None and self._unwritten:
                 await self._write_unwritten()
                 if self._durable_waiters and self._closing is None:

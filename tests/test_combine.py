@@ -151,3 +151,43 @@ async def test_a_caller_cancelled_before_its_group_writes_nothing() -> None:
         assert [keys.parse_job_key(k).job_id for k in pending] == [kept_id]
     finally:
         await queue.close()
+
+
+class _HeldDurability(Durability):
+    """Durable once ``released`` is set."""
+
+    def __init__(self, released: asyncio.Event) -> None:
+        self.released = released
+
+    async def wait(self) -> None:
+        await self.released.wait()
+
+
+async def test_the_next_group_commits_while_the_last_one_waits_for_durability() -> None:
+    from taquba_core.combine import Combiner
+
+    released = asyncio.Event()
+    committed: list[list[object]] = []
+
+    async def transact(steps: Callable[[Transaction], Awaitable[list[object]]]) -> tuple[list[object], Durability]:
+        results = await steps(None)  # type: ignore[arg-type]  # the steps below take no transaction
+        committed.append(results)
+        return results, _HeldDurability(released)
+
+    async def wait_durable(durability: Durability) -> None:
+        await durability.wait()
+
+    async def value(v: int) -> int:
+        return v
+
+    combiner = Combiner(transact, wait_durable)
+    first = asyncio.ensure_future(combiner.run(lambda txn: value(1)))
+    while committed != [[1]]:
+        await asyncio.sleep(0)
+    second = asyncio.ensure_future(combiner.run(lambda txn: value(2)))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert committed == [[1], [2]]  # not held up by the first group's wait
+    assert not first.done() and not second.done()
+    released.set()
+    assert (await first, await second) == (1, 2)

@@ -60,6 +60,10 @@ class _MemberFailed(Exception):
         self.error = error
 
 
+_Pending = tuple[list[tuple[Step, "asyncio.Future[Any]"]], list[Any], Durability]
+"""A committed group, its results and the durability its members wait for."""
+
+
 class Combiner:
     """Runs the steps given to :meth:`run` in shared transactions.
 
@@ -99,20 +103,30 @@ class Combiner:
         task.add_done_callback(self._background.discard)
 
     async def _drain(self) -> None:
+        last: _Pending | None = None  # the last group, when nobody came after it
         try:
             while self._waiting:
                 group = self._waiting[: self._max_group]
                 del self._waiting[: self._max_group]
                 group = [(step, fut) for step, fut in group if not fut.done()]
                 if group:
-                    await self._commit(group)
+                    pending = await self._commit(group)
+                    if pending is not None and self._waiting:
+                        self._spawn(self._finish(*pending))
+                    elif pending is not None:
+                        last = pending
         finally:
             self._draining = False
             if self._waiting:  # a failure above left callers behind: serve them
                 self._draining = True
                 self._spawn(self._drain())
+        if last is not None:
+            # Nobody is waiting to be drained: this task waits for the
+            # durability itself (a caller arriving now starts a new drain).
+            await self._finish(*last)
 
-    async def _commit(self, group: list[tuple[Step, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, group: list[tuple[Step, asyncio.Future[Any]]]) -> _Pending | None:
+        """Commit ``group``'s steps; what is left to do once the commit is durable, if anything."""
         while group:
             members = [step for step, _ in group]
 
@@ -136,7 +150,7 @@ class Combiner:
                     _settle(fut, error=exc)
                 if not isinstance(exc, Exception):
                     raise
-                return
+                return None
             if durability is DURABLE and self._sync is not None:
                 # Nothing was written (every member was a dedup hit), so the
                 # commit has no durability of its own, but what the members
@@ -144,9 +158,9 @@ class Combiner:
                 durability = _Synced(self._sync)
             if durability is DURABLE:
                 _deliver(group, results)
-            else:
-                self._spawn(self._finish(group, results, durability))
-            return
+                return None
+            return group, results, durability
+        return None
 
     async def _finish(
         self, group: list[tuple[Step, asyncio.Future[Any]]], results: list[Any], durability: Durability

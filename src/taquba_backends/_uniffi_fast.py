@@ -362,10 +362,7 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
         if entry is None:
             return
         loop, fut, thread = entry
-        here = get_ident()
-        if here != thread:
-            _keep_thread_state()
-        if thread == here:
+        if thread == get_ident():
             # Called back on the loop's own thread, i.e. from inside an FFI
             # call this loop's code made (typically the poll itself).
             try:
@@ -373,6 +370,8 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
                 return
             except RuntimeError:
                 pass
+        else:
+            _keep_thread_state()
         loop.call_soon_threadsafe(set_result, fut, code)
 
     async def rust_call_async(

@@ -606,6 +606,67 @@ async def test_durable_commits_reach_the_object_store_before_returning(tmp_path:
     await second.close()
 
 
+class RecordingDb:
+    """A SlateDB handle that records when writes and WAL flushes are sent and done.
+
+    With ``hold_writes`` (seconds) a write waits before SlateDB sees it, as
+    under SlateDB's backpressure: a flush asked for meanwhile does not cover it.
+    """
+
+    def __init__(self, db: Any, hold_writes: float = 0.0) -> None:
+        self._db = db
+        self._hold = hold_writes
+        self.events: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def write(self, batch: Any) -> Any:
+        self.events.append("write sent")
+        if self._hold:
+            await asyncio.sleep(self._hold)
+        handle = await self._db.write(batch)
+        self.events.append("write done")
+        return handle
+
+    async def flush_with_options(self, options: Any) -> None:
+        self.events.append("flush sent")
+        await self._db.flush_with_options(options)
+        self.events.append("flush done")
+
+
+async def test_a_durable_commit_asks_for_its_flush_while_its_write_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SlateDB queues writes and flushes in one queue: the flush goes with the write, not after it."""
+    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
+    kv = await SlateDBStore.open(url)
+    await write(kv, a=b"0")
+    recording = RecordingDb(kv._db)
+    monkeypatch.setattr(kv, "_db", recording)
+    await write(kv, a=b"1")
+    assert recording.events == ["write sent", "flush sent", "write done", "flush done"]
+    second = await SlateDBStore.open(url)  # fences the first, which is never closed cleanly
+    assert await read(second, b"a") == b"1"
+    await second.close()
+
+
+async def test_a_write_held_back_past_its_flush_request_is_still_durable_when_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
+    kv = await SlateDBStore.open(url)
+    await write(kv, a=b"0")
+    recording = RecordingDb(kv._db, hold_writes=0.05)
+    monkeypatch.setattr(kv, "_db", recording)
+    await asyncio.wait_for(write(kv, a=b"1"), timeout=10)
+    # The first flush went ahead of the write; a second one, asked for after it, covered it.
+    assert recording.events == ["write sent", "flush sent", "write done", "flush done", "flush sent", "flush done"]
+    second = await SlateDBStore.open(url)
+    assert await read(second, b"a") == b"1"
+    await second.close()
+
+
 async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> None:
     kv = await SlateDBStore.open((tmp_path / "db").as_uri())
     txn = await kv.begin()
@@ -624,10 +685,10 @@ async def test_concurrent_durable_commits_share_write_outs_and_flushes(
     flushes = 0
     flush = kv._flush
 
-    async def counted(handle: object) -> None:
+    async def counted(handle: object, requested: object) -> None:
         nonlocal flushes
         flushes += 1
-        await flush(handle)
+        await flush(handle, requested)
 
     monkeypatch.setattr(kv, "_flush", counted)
     try:
@@ -644,11 +705,11 @@ def hold_first_flush(kv: SlateDBStore, monkeypatch: pytest.MonkeyPatch) -> tuple
     flushes: list[int] = []
     flush = kv._flush
 
-    async def first_held(handle: Any) -> None:
+    async def first_held(handle: Any, requested: Any) -> None:
         flushes.append(kv._applied)
         if len(flushes) == 1:
             await release.wait()
-        await flush(handle)
+        await flush(handle, requested)
 
     monkeypatch.setattr(kv, "_flush", first_held)
     return release, flushes

@@ -61,6 +61,7 @@ from taquba_core.errors import (
 from taquba_core.kv import DURABLE, Durability, KVStore, Transaction, add_counter
 
 from . import _uniffi_fast
+from ._eager import Started
 from ._keyrange import KeyBounds, scan_bounds
 from ._readcache import MISS, Miss, ReadCache
 from ._versions import Pins, VersionTable
@@ -256,8 +257,10 @@ class SlateDBStore(KVStore):
     still runs; a larger one (``PIPELINE_BYTES``) waits for it and keeps
     growing, so concurrent callers share writes and flushes (group commit).
     With ``eager_flush`` (local and in-memory object
-    stores) the pass asks SlateDB for the WAL flush at once, so a lone caller
-    waits for one WAL write instead of up to a flush interval; cloud stores
+    stores) the pass asks SlateDB for the WAL flush along with its write, so a
+    lone caller waits for one WAL write instead of up to a flush interval
+    (:class:`~taquba_backends._eager.Started` sends both before either
+    returns); cloud stores
     wait for SlateDB's own flush every ``flush_interval_ms``, which bounds
     their PUT requests.  Commits that nobody waits for are written within
     ``write_out_delay_ms`` (the URL's flush interval).
@@ -572,15 +575,25 @@ class SlateDBStore(KVStore):
         """Whether the unwritten commits go to SlateDB now rather than after the running flush."""
         return not self._flushes or self._unwritten_bytes <= PIPELINE_BYTES
 
-    def _start_flush(self) -> None:
-        """Start a WAL flush of every commit written so far, unless one covers them or too many run."""
+    def _start_flush(self, requested: Started[None] | None = None) -> None:
+        """Start a WAL flush of every commit written so far, unless one covers them or too many run.
+
+        ``requested``: the flush already asked of SlateDB while the last
+        write was queued (see :meth:`_write_unwritten`).
+        """
         if len(self._flushes) < MAX_FLUSHES and self._flushing < self._applied:
             self._flushing = self._applied
-            flush = asyncio.ensure_future(self._flush_upto(self._applied, self._last_handle))
+            flush = asyncio.ensure_future(self._flush_upto(self._applied, self._last_handle, requested))
             self._flushes.add(flush)
 
-    async def _flush_upto(self, upto: int, handle: sdb.WriteHandle | None) -> None:
+    def _may_request_flush(self) -> bool:
+        """Whether the pass being written asks SlateDB for its WAL flush along with the write."""
+        return self._eager_flush and bool(self._durable_waiters) and self._closing is None and len(self._flushes) < MAX_FLUSHES
+
+    async def _flush_upto(self, upto: int, handle: sdb.WriteHandle | None, requested: Started[None] | None) -> None:
         """Make commits up to ``upto`` durable (``handle``: the write that ended with it) and release their waiters.
+
+        ``requested``: see :meth:`_start_flush`.
 
         A flush still waiting after ``SLOW_FLUSH_WARNING_S`` is logged (SlateDB
         retries an unreachable object store without end), and so is its end.
@@ -589,7 +602,7 @@ class SlateDBStore(KVStore):
         started = loop.time()
         warning = loop.call_later(SLOW_FLUSH_WARNING_S, self._warn_slow_flush, started)
         try:
-            await self._flush(handle)
+            await self._flush(handle, requested)
         except BaseException as exc:
             self._fail_write_out(exc)
             if not isinstance(exc, (sdb.Error, TaqubaError)):
@@ -617,7 +630,14 @@ class SlateDBStore(KVStore):
             self.url, waited,
         )  # fmt: skip
 
-    async def _flush(self, handle: sdb.WriteHandle | None) -> None:
+    async def _flush(self, handle: sdb.WriteHandle | None, requested: Started[None] | None) -> None:
+        """Wait until the write of ``handle`` is in the object store, through ``requested`` if given."""
+        if requested is not None:
+            await requested
+            if handle is None or handle.seqnum() <= self._db.status().durable_seq:
+                return
+            # SlateDB held the write back (backpressure) until after the flush
+            # request, which then did not cover it: flush once more.
         if self._eager_flush:
             await self._db.flush_with_options(WAL_FLUSH)
         elif handle is not None:
@@ -638,9 +658,16 @@ class SlateDBStore(KVStore):
         changes: dict[bytes, bytes | None] = {}
         for commit in commits:
             changes.update(commit)
-        self._last_handle = await self._db.write(self._batch(changes))
+        # SlateDB queues the batch during the first poll of the write, so a
+        # flush asked for right after it follows it in the writer's queue:
+        # the write and the flush cost one round trip instead of two.
+        write = Started(self._db.write(self._batch(changes)))
+        requested = Started(self._db.flush_with_options(WAL_FLUSH)) if self._may_request_flush() else None
+        self._last_handle = await write
         self._applied = upto
         self._prune()
+        if requested is not None:
+            self._start_flush(requested)
 
     def _end_durable_waits(self, error: BaseException | None, upto: int | None = None) -> None:
         """Release the waiters for commits up to ``upto`` (``None``: all), or fail them with ``error``."""

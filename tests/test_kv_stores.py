@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -617,35 +617,55 @@ class RecordingDb:
         self._db = db
         self._hold = hold_writes
         self.events: list[str] = []
+        self.turn: Callable[[], int] = lambda: 0  # the loop turn, when the test counts them
+        self.turns: dict[str, int] = {}  # the turn of each event's first occurrence
+
+    def _record(self, event: str) -> None:
+        self.events.append(event)
+        self.turns.setdefault(event, self.turn())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._db, name)
 
     async def write(self, batch: Any) -> Any:
-        self.events.append("write sent")
+        self._record("write sent")
         if self._hold:
             await asyncio.sleep(self._hold)
         handle = await self._db.write(batch)
-        self.events.append("write done")
+        self._record("write done")
         return handle
 
     async def flush_with_options(self, options: Any) -> None:
-        self.events.append("flush sent")
+        self._record("flush sent")
         await self._db.flush_with_options(options)
-        self.events.append("flush done")
+        self._record("flush done")
 
 
 async def test_a_durable_commit_asks_for_its_flush_while_its_write_is_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SlateDB queues writes and flushes in one queue: the flush goes with the write, not after it."""
+    """SlateDB queues writes and flushes in one queue: the flush goes with the write, not a loop turn after it."""
     url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
     kv = await SlateDBStore.open(url)
     await write(kv, a=b"0")
     recording = RecordingDb(kv._db)
     monkeypatch.setattr(kv, "_db", recording)
-    await write(kv, a=b"1")
-    assert recording.events == ["write sent", "flush sent", "write done", "flush done"]
+    loop = asyncio.get_running_loop()
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns, ticker
+        turns += 1
+        ticker = loop.call_soon(tick)
+
+    ticker = loop.call_soon(tick)
+    recording.turn = lambda: turns
+    try:
+        await write(kv, a=b"1")
+    finally:
+        ticker.cancel()
+    assert sorted(recording.events) == ["flush done", "flush sent", "write done", "write sent"]
+    assert recording.turns["flush sent"] == recording.turns["write sent"]
     second = await SlateDBStore.open(url)  # fences the first, which is never closed cleanly
     assert await read(second, b"a") == b"1"
     await second.close()
@@ -661,7 +681,9 @@ async def test_a_write_held_back_past_its_flush_request_is_still_durable_when_it
     monkeypatch.setattr(kv, "_db", recording)
     await asyncio.wait_for(write(kv, a=b"1"), timeout=10)
     # The first flush went ahead of the write; a second one, asked for after it, covered it.
-    assert recording.events == ["write sent", "flush sent", "write done", "flush done", "flush sent", "flush done"]
+    events = recording.events
+    assert events[:2] == ["write sent", "flush sent"] and sorted(events[2:4]) == ["flush done", "write done"]
+    assert events[4:] == ["flush sent", "flush done"]
     second = await SlateDBStore.open(url)
     assert await read(second, b"a") == b"1"
     await second.close()

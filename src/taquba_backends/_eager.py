@@ -31,6 +31,15 @@ class Started(Generic[T]):
         except StopIteration as stop:
             self._result = stop.value
 
+    def done(self) -> bool:
+        """Whether the coroutine finished without suspending (awaiting then returns at once)."""
+        return self._result is not _RUNNING
+
+    def close(self) -> None:
+        """Abandon the rest of the coroutine (it gets ``GeneratorExit``), instead of awaiting it."""
+        if self._result is _RUNNING:
+            self._coro.close()
+
     def __await__(self) -> Generator[Any, Any, T]:
         if self._result is not _RUNNING:
             return self._result

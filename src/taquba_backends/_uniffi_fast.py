@@ -377,6 +377,7 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
     async def rust_call_async(
         rust_future: Any, ffi_poll: Any, ffi_complete: Any, ffi_free: Any, lift: Any, error_converter: Any
     ) -> Any:
+        handle = 0
         try:
             running = get_running_loop()
             loop = gen._UNIFFI_GLOBAL_EVENT_LOOP or running or get_loop()
@@ -391,6 +392,7 @@ def _build(gen: Any) -> list[tuple[Any, str, Any]]:
             return lift(rust_call_with_error(error_converter, ffi_complete, rust_future))
         finally:
             ffi_free(rust_future)
+            waiting.pop(handle, None)  # abandoned (cancelled or closed) while waiting
 
     optional_bytes = gen._UniffiFfiConverterOptionalBytes
     key_values = gen._UniffiFfiConverterSequenceTypeKeyValue

@@ -634,10 +634,15 @@ class SlateDBStore(KVStore):
         """Wait until the write of ``handle`` is in the object store, through ``requested`` if given."""
         if requested is not None:
             await requested
-            if handle is None or handle.seqnum() <= self._db.status().durable_seq:
+            if handle is None:
+                return
+            durable = Started(handle.await_durable())
+            if durable.done():  # it was durable: SlateDB answered without waiting
+                await durable
                 return
             # SlateDB held the write back (backpressure) until after the flush
             # request, which then did not cover it: flush once more.
+            durable.close()
         if self._eager_flush:
             await self._db.flush_with_options(WAL_FLUSH)
         elif handle is not None:

@@ -641,15 +641,30 @@ class RecordingDb:
         self._record("flush done")
 
 
+async def recorded_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold_writes: float = 0.0
+) -> tuple[str, SlateDBStore, RecordingDb]:
+    """A file store past its first write-out, with its writes and flushes recorded from now on."""
+    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
+    kv = await SlateDBStore.open(url)
+    await write(kv, a=b"0")
+    recording = RecordingDb(kv._db, hold_writes)
+    monkeypatch.setattr(kv, "_db", recording)
+    return url, kv, recording
+
+
+async def assert_a_taker_over_reads(url: str, key: bytes, value: bytes) -> None:
+    """A writer that takes the store over (fencing the first, never closed cleanly) reads ``value``."""
+    second = await SlateDBStore.open(url)
+    assert await read(second, key) == value
+    await second.close()
+
+
 async def test_a_durable_commit_asks_for_its_flush_while_its_write_is_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SlateDB queues writes and flushes in one queue: the flush goes with the write, not a loop turn after it."""
-    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
-    kv = await SlateDBStore.open(url)
-    await write(kv, a=b"0")
-    recording = RecordingDb(kv._db)
-    monkeypatch.setattr(kv, "_db", recording)
+    url, kv, recording = await recorded_store(tmp_path, monkeypatch)
     loop = asyncio.get_running_loop()
     turns = 0
 
@@ -666,27 +681,19 @@ async def test_a_durable_commit_asks_for_its_flush_while_its_write_is_in_flight(
         ticker.cancel()
     assert sorted(recording.events) == ["flush done", "flush sent", "write done", "write sent"]
     assert recording.turns["flush sent"] == recording.turns["write sent"]
-    second = await SlateDBStore.open(url)  # fences the first, which is never closed cleanly
-    assert await read(second, b"a") == b"1"
-    await second.close()
+    await assert_a_taker_over_reads(url, b"a", b"1")
 
 
 async def test_a_write_held_back_past_its_flush_request_is_still_durable_when_it_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = (tmp_path / "db").as_uri() + "?flush_interval_ms=60000"  # only the commits' own flushes
-    kv = await SlateDBStore.open(url)
-    await write(kv, a=b"0")
-    recording = RecordingDb(kv._db, hold_writes=0.05)
-    monkeypatch.setattr(kv, "_db", recording)
+    url, kv, recording = await recorded_store(tmp_path, monkeypatch, hold_writes=0.05)
     await asyncio.wait_for(write(kv, a=b"1"), timeout=10)
     # The first flush went ahead of the write; a second one, asked for after it, covered it.
     events = recording.events
     assert events[:2] == ["write sent", "flush sent"] and sorted(events[2:4]) == ["flush done", "write done"]
     assert events[4:] == ["flush sent", "flush done"]
-    second = await SlateDBStore.open(url)
-    assert await read(second, b"a") == b"1"
-    await second.close()
+    await assert_a_taker_over_reads(url, b"a", b"1")
 
 
 async def test_close_releases_commits_waiting_for_durability(tmp_path: Path) -> None:
